@@ -1,0 +1,29 @@
+//! The Flower wire protocol.
+//!
+//! * [`transport`]: SOCK_SEQPACKET channels carrying one frame and up to four
+//!   descriptors per datagram, with the receive-side limits enforced.
+//! * [`rpc`]: call/reply multiplexing over a channel (pipelining, out-of-order
+//!   replies, streaming) and the [`rpc::Service`] trait for the answering side.
+//! * [`fds`]: the `Fd { slot }` convention tying message fields to descriptors.
+//! * [`client`]: the async client library applications and the tools use.
+//!
+//! Message types are generated from `proto/` at build time with a pure-Rust compiler.
+
+pub mod client;
+pub mod fds;
+pub mod rpc;
+pub mod status;
+pub mod transport;
+
+mod pb {
+    include!(concat!(env!("OUT_DIR"), "/_includes.rs"));
+}
+include!(concat!(env!("OUT_DIR"), "/fd_fields.rs"));
+
+pub use pb::flower::protocol::{
+    Call, Fd, Frame, Reply, egress, frame, resolver, server, switchboard,
+};
+pub use status::{Code, Status};
+
+/// A label set: UTF-8 keys (non-empty) to UTF-8 values, kept sorted.
+pub type Labels = std::collections::BTreeMap<String, String>;

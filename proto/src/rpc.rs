@@ -1,0 +1,445 @@
+//! Calls and replies over a [`Channel`] (DESIGN §5).
+//!
+//! A [`Peer`] owns one channel and one reader task. The reader routes replies to the
+//! calls waiting for them (so callers may pipeline and replies may come in any order)
+//! and hands incoming calls to a [`Service`], each in its own task, at most
+//! [`MAX_CALLS_IN_FLIGHT`] at once: past that the reader stops reading and the
+//! kernel's socket buffer pushes back on the sender.
+//!
+//! Framing violations (undecodable frame, oversize datagram, too many descriptors,
+//! truncated control data) close the channel: there is no call id to answer. Errors
+//! inside a well-formed call (bad message, descriptor mismatch, unknown method) get an
+//! error reply and the channel keeps working.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures::future::BoxFuture;
+use prost::Message;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::fds::{FdFields, Fds};
+use crate::frame::Kind;
+use crate::transport::{Channel, MAX_DATAGRAM};
+use crate::{Call, Code, Frame, Reply, Status};
+
+/// Incoming calls served concurrently on one channel.
+pub const MAX_CALLS_IN_FLIGHT: usize = 128;
+
+/// One RPC method; implemented by generated zero-sized types such as
+/// `switchboard::rpc::ClientConnect`.
+pub trait Method {
+    /// `/package.Service/Method`.
+    const PATH: &'static str;
+    /// Whether the reply is a stream (`more = true` until the last).
+    const STREAMING: bool;
+    type Request: Message + Default + FdFields + Send + 'static;
+    type Response: Message + Default + FdFields + Send + 'static;
+}
+
+/// A received call, before its message is decoded.
+#[derive(Debug)]
+pub struct Request {
+    pub method: String,
+    pub message: Vec<u8>,
+    pub fds: Vec<OwnedFd>,
+}
+
+impl Request {
+    /// Decodes the message as `M`'s request and claims its descriptors.
+    pub fn decode<M: Method>(self) -> Result<(M::Request, Fds), Status> {
+        let message = M::Request::decode(&self.message[..])
+            .map_err(|e| Status::invalid_argument(format!("Malformed {} request: {e}", M::PATH)))?;
+        let fds = Fds::claim(&message, self.fds)?;
+        Ok((message, fds))
+    }
+}
+
+/// A successful reply: an encoded message and the descriptors its `Fd` fields name.
+#[derive(Debug, Default)]
+pub struct Response {
+    message: Vec<u8>,
+    fds: Vec<OwnedFd>,
+}
+
+impl Response {
+    pub fn new<T: Message>(message: &T, fds: Vec<OwnedFd>) -> Response {
+        Response {
+            message: message.encode_to_vec(),
+            fds,
+        }
+    }
+}
+
+/// The answering side of a channel.
+pub trait Service: Send + Sync + 'static {
+    /// Serves one call. Streaming methods send their items through `stream` before
+    /// returning the final (empty) response.
+    fn call(
+        self: Arc<Self>,
+        request: Request,
+        stream: StreamSink,
+    ) -> BoxFuture<'static, Result<Response, Status>>;
+}
+
+/// Sends the intermediate replies (`more = true`) of a streaming call.
+pub struct StreamSink {
+    shared: Arc<Shared>,
+    id: u64,
+}
+
+impl StreamSink {
+    pub async fn send<T: Message>(&self, message: &T) -> Result<(), Status> {
+        let reply = Reply {
+            id: self.id,
+            message: message.encode_to_vec(),
+            code: 0,
+            error: String::new(),
+            more: true,
+        };
+        self.shared.send_reply(reply, Vec::new()).await
+    }
+}
+
+type ReplyTx = mpsc::UnboundedSender<(Reply, Vec<OwnedFd>)>;
+
+struct Shared {
+    channel: Channel,
+    pending: Mutex<HashMap<u64, ReplyTx>>,
+    next_id: AtomicU64,
+    closed: CancellationToken,
+}
+
+impl Shared {
+    async fn send_frame(&self, frame: &Frame, fds: &[OwnedFd]) -> Result<(), Status> {
+        let bytes = frame.encode_to_vec();
+        if bytes.len() > MAX_DATAGRAM {
+            return Err(Status::resource_exhausted(format!(
+                "Message of {} bytes exceeds the {MAX_DATAGRAM}-byte datagram limit",
+                bytes.len()
+            )));
+        }
+        let borrowed: Vec<_> = fds.iter().map(|fd| fd.as_fd()).collect();
+        tokio::select! {
+            r = self.channel.send(&bytes, &borrowed) => r.map_err(|e| Status::unavailable(format!("Channel send failed: {e}"))),
+            () = self.closed.cancelled() => Err(closed_status()),
+        }
+    }
+
+    /// Sends a reply; one that would not fit a datagram becomes a RESOURCE_EXHAUSTED error.
+    async fn send_reply(&self, reply: Reply, fds: Vec<OwnedFd>) -> Result<(), Status> {
+        let id = reply.id;
+        let more = reply.more;
+        match self
+            .send_frame(
+                &Frame {
+                    kind: Some(Kind::Reply(reply)),
+                },
+                &fds,
+            )
+            .await
+        {
+            Err(status) if status.code == Code::ResourceExhausted => {
+                let error = Reply {
+                    id,
+                    message: Vec::new(),
+                    code: status.code as i32,
+                    error: format!("Reply too large: {status}"),
+                    more: false,
+                };
+                let _ = self
+                    .send_frame(
+                        &Frame {
+                            kind: Some(Kind::Reply(error)),
+                        },
+                        &[],
+                    )
+                    .await;
+                if more { Err(status) } else { Ok(()) }
+            }
+            other => other,
+        }
+    }
+
+    fn close(&self) {
+        self.closed.cancel();
+        self.channel.shutdown();
+        // Waiting callers see their reply sender dropped: UNAVAILABLE.
+        self.pending.lock().unwrap().clear();
+    }
+}
+
+fn closed_status() -> Status {
+    Status::unavailable("Peer closed the channel")
+}
+
+/// The calling side of a channel, and the owner of its reader task.
+///
+/// Clones share the channel. When the last clone is dropped the channel is shut down;
+/// [`Peer::close`] does it at once.
+#[derive(Clone)]
+pub struct Peer {
+    owner: Arc<Owner>,
+}
+
+struct Owner {
+    shared: Arc<Shared>,
+}
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        self.shared.close();
+    }
+}
+
+impl Peer {
+    /// Starts the reader task. `service` answers incoming calls (none: `UNIMPLEMENTED`).
+    /// Cancelling `parent` closes the channel too.
+    pub fn spawn(
+        channel: Channel,
+        service: Option<Arc<dyn Service>>,
+        parent: &CancellationToken,
+    ) -> Peer {
+        let shared = Arc::new(Shared {
+            channel,
+            pending: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            closed: parent.child_token(),
+        });
+        tokio::spawn(read_loop(shared.clone(), service));
+        Peer {
+            owner: Arc::new(Owner { shared }),
+        }
+    }
+
+    /// Serves `service` on `channel` with no calling side and no owner: the channel
+    /// lives until the other end closes it or `parent` is cancelled.
+    pub fn serve(channel: Channel, service: Arc<dyn Service>, parent: &CancellationToken) {
+        let shared = Arc::new(Shared {
+            channel,
+            pending: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            closed: parent.child_token(),
+        });
+        tokio::spawn(read_loop(shared, Some(service)));
+    }
+
+    /// Closes the channel now: the peer sees end of stream, waiting calls fail.
+    pub fn close(&self) {
+        self.owner.shared.close();
+    }
+
+    /// Resolves once the channel is closed, by either side.
+    pub async fn closed(&self) {
+        self.owner.shared.closed.cancelled().await
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.owner.shared.closed.is_cancelled()
+    }
+
+    /// A unary call.
+    pub async fn call<M: Method>(
+        &self,
+        request: &M::Request,
+        fds: Vec<OwnedFd>,
+    ) -> Result<(M::Response, Fds), Status> {
+        let mut replies = self.start::<M>(request, fds).await?;
+        replies.next().await.unwrap_or_else(|| Err(closed_status()))
+    }
+
+    /// A streaming call: the replies arrive through the returned stream.
+    pub async fn call_streaming<M: Method>(
+        &self,
+        request: &M::Request,
+    ) -> Result<Replies<M>, Status> {
+        self.start::<M>(request, Vec::new()).await
+    }
+
+    async fn start<M: Method>(
+        &self,
+        request: &M::Request,
+        fds: Vec<OwnedFd>,
+    ) -> Result<Replies<M>, Status> {
+        let shared = &self.owner.shared;
+        if shared.closed.is_cancelled() {
+            return Err(closed_status());
+        }
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::unbounded_channel();
+        shared.pending.lock().unwrap().insert(id, tx);
+        let replies = Replies {
+            shared: shared.clone(),
+            id,
+            rx,
+            done: false,
+            _method: std::marker::PhantomData,
+        };
+        let call = Call {
+            id,
+            method: M::PATH.to_owned(),
+            message: request.encode_to_vec(),
+        };
+        // On failure `replies` is dropped, which forgets the pending id.
+        shared
+            .send_frame(
+                &Frame {
+                    kind: Some(Kind::Call(call)),
+                },
+                &fds,
+            )
+            .await?;
+        Ok(replies)
+    }
+}
+
+/// Replies to one call. Dropping it abandons the call: a late reply is discarded
+/// (and its descriptors closed) by the reader.
+pub struct Replies<M: Method> {
+    shared: Arc<Shared>,
+    id: u64,
+    rx: mpsc::UnboundedReceiver<(Reply, Vec<OwnedFd>)>,
+    done: bool,
+    _method: std::marker::PhantomData<fn() -> M>,
+}
+
+impl<M: Method> Replies<M> {
+    /// The next reply; `None` after the last one of a stream.
+    pub async fn next(&mut self) -> Option<Result<(M::Response, Fds), Status>> {
+        if self.done {
+            return None;
+        }
+        let Some((reply, fds)) = self.rx.recv().await else {
+            self.done = true;
+            return Some(Err(closed_status()));
+        };
+        if !reply.more || !M::STREAMING {
+            self.done = true;
+        }
+        if reply.code != 0 {
+            self.done = true;
+            return Some(Err(Status::new(Code::from_i32(reply.code), reply.error)));
+        }
+        if M::STREAMING && !reply.more {
+            // The final reply of a stream only says "done".
+            return None;
+        }
+        Some(
+            M::Response::decode(&reply.message[..])
+                .map_err(|e| Status::internal(format!("Malformed {} reply: {e}", M::PATH)))
+                .and_then(|message| Fds::claim(&message, fds).map(|fds| (message, fds))),
+        )
+    }
+}
+
+impl<M: Method> Drop for Replies<M> {
+    fn drop(&mut self) {
+        self.shared.pending.lock().unwrap().remove(&self.id);
+    }
+}
+
+async fn read_loop(shared: Arc<Shared>, service: Option<Arc<dyn Service>>) {
+    let calls = Arc::new(Semaphore::new(MAX_CALLS_IN_FLIGHT));
+    loop {
+        let received = tokio::select! {
+            r = shared.channel.recv() => r,
+            () = shared.closed.cancelled() => break,
+        };
+        let datagram = match received {
+            Ok(Some(d)) => d,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!("closing channel: {e}");
+                break;
+            }
+        };
+        let frame = match Frame::decode(&datagram.bytes[..]) {
+            Ok(Frame { kind: Some(kind) }) => kind,
+            Ok(Frame { kind: None }) => {
+                tracing::warn!("closing channel: frame is neither call nor reply");
+                break;
+            }
+            Err(e) => {
+                tracing::warn!("closing channel: undecodable frame: {e}");
+                break;
+            }
+        };
+        match frame {
+            Kind::Reply(reply) => {
+                let mut pending = shared.pending.lock().unwrap();
+                let tx = if reply.more {
+                    pending.get(&reply.id).cloned()
+                } else {
+                    pending.remove(&reply.id)
+                };
+                drop(pending);
+                match tx {
+                    // A send error means the caller gave up; the descriptors close here.
+                    Some(tx) => drop(tx.send((reply, datagram.fds))),
+                    None => tracing::debug!(id = reply.id, "reply to no outstanding call, dropped"),
+                }
+            }
+            Kind::Call(call) => {
+                let permit = tokio::select! {
+                    p = calls.clone().acquire_owned() => p.expect("semaphore never closed"),
+                    () = shared.closed.cancelled() => break,
+                };
+                let shared = shared.clone();
+                let service = service.clone();
+                tokio::spawn(async move {
+                    let id = call.id;
+                    let request = Request {
+                        method: call.method,
+                        message: call.message,
+                        fds: datagram.fds,
+                    };
+                    let result = match service {
+                        Some(service) => {
+                            let sink = StreamSink {
+                                shared: shared.clone(),
+                                id,
+                            };
+                            tokio::select! {
+                                r = service.call(request, sink) => r,
+                                // The caller is gone: abandon the work, close its descriptors.
+                                () = shared.closed.cancelled() => return,
+                            }
+                        }
+                        None => Err(Status::unimplemented(format!(
+                            "Method {} is not served on this channel",
+                            request.method
+                        ))),
+                    };
+                    let (reply, fds) = match result {
+                        Ok(r) => (
+                            Reply {
+                                id,
+                                message: r.message,
+                                code: 0,
+                                error: String::new(),
+                                more: false,
+                            },
+                            r.fds,
+                        ),
+                        Err(s) => (
+                            Reply {
+                                id,
+                                message: Vec::new(),
+                                code: s.code as i32,
+                                error: s.message,
+                                more: false,
+                            },
+                            Vec::new(),
+                        ),
+                    };
+                    let _ = shared.send_reply(reply, fds).await;
+                    drop(permit);
+                });
+            }
+        }
+    }
+    shared.close();
+}
