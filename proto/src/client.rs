@@ -166,14 +166,19 @@ impl Switchboard {
         Ok(Egress { requests, peer })
     }
 
-    /// Streams the label sets of all targets matching `out_labels`.
+    /// Streams the label sets of all targets matching `out_labels`. A refused call
+    /// (e.g. missing right) fails here rather than on the first item.
     pub async fn list(&self, out_labels: &Labels) -> Result<TargetList, Status> {
         let request = sb::ListRequest {
             out_labels: out_labels.clone(),
         };
-        Ok(TargetList {
-            replies: self.peer.call_streaming::<sb::rpc::List>(&request).await?,
-        })
+        let mut replies = self.peer.call_streaming::<sb::rpc::List>(&request).await?;
+        let first = replies
+            .next()
+            .await
+            .transpose()?
+            .map(|(reply, _)| reply.labels);
+        Ok(TargetList { first, replies })
     }
 
     /// The underlying RPC peer, for calls this API does not wrap.
@@ -194,11 +199,15 @@ fn registration(fd: OwnedFd, service: Arc<dyn Service>) -> Result<Peer, Status> 
 
 /// The label sets streamed by [`Switchboard::list`].
 pub struct TargetList {
+    first: Option<Labels>,
     replies: Replies<sb::rpc::List>,
 }
 
 impl TargetList {
     pub async fn next(&mut self) -> Option<Result<Labels, Status>> {
+        if let Some(first) = self.first.take() {
+            return Some(Ok(first));
+        }
         Some(self.replies.next().await?.map(|(reply, _)| reply.labels))
     }
 }
