@@ -28,6 +28,8 @@ use crate::{Call, Code, Frame, Reply, Status};
 
 /// Incoming calls served concurrently on one channel.
 pub const MAX_CALLS_IN_FLIGHT: usize = 128;
+/// How long a dropped peer waits for its calls in flight to reply before closing.
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// One RPC method; implemented by generated zero-sized types such as
 /// `switchboard::rpc::ClientConnect`.
@@ -111,6 +113,8 @@ struct Shared {
     pending: Mutex<HashMap<u64, ReplyTx>>,
     next_id: AtomicU64,
     closed: CancellationToken,
+    /// Stop reading, let calls in flight send their replies, then close.
+    draining: CancellationToken,
 }
 
 impl Shared {
@@ -129,10 +133,11 @@ impl Shared {
         }
     }
 
-    /// Sends a reply; one that would not fit a datagram becomes a RESOURCE_EXHAUSTED error.
+    /// Sends a reply. A final reply that would not fit a datagram is replaced by a
+    /// RESOURCE_EXHAUSTED error; for a stream item the error is returned so that the
+    /// handler's own final reply reports it (a stream ends exactly once).
     async fn send_reply(&self, reply: Reply, fds: Vec<OwnedFd>) -> Result<(), Status> {
-        let id = reply.id;
-        let more = reply.more;
+        let (id, more) = (reply.id, reply.more);
         match self
             .send_frame(
                 &Frame {
@@ -142,7 +147,7 @@ impl Shared {
             )
             .await
         {
-            Err(status) if status.code == Code::ResourceExhausted => {
+            Err(status) if status.code == Code::ResourceExhausted && !more => {
                 let error = Reply {
                     id,
                     message: Vec::new(),
@@ -150,15 +155,13 @@ impl Shared {
                     error: format!("Reply too large: {status}"),
                     more: false,
                 };
-                let _ = self
-                    .send_frame(
-                        &Frame {
-                            kind: Some(Kind::Reply(error)),
-                        },
-                        &[],
-                    )
-                    .await;
-                if more { Err(status) } else { Ok(()) }
+                self.send_frame(
+                    &Frame {
+                        kind: Some(Kind::Reply(error)),
+                    },
+                    &[],
+                )
+                .await
             }
             other => other,
         }
@@ -191,7 +194,9 @@ struct Owner {
 
 impl Drop for Owner {
     fn drop(&mut self) {
-        self.shared.close();
+        // Graceful: a server that takes a connection and drops its registration at once
+        // must still get its OK reply out.
+        self.shared.draining.cancel();
     }
 }
 
@@ -208,6 +213,7 @@ impl Peer {
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             closed: parent.child_token(),
+            draining: CancellationToken::new(),
         });
         tokio::spawn(read_loop(shared.clone(), service));
         Peer {
@@ -223,6 +229,7 @@ impl Peer {
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             closed: parent.child_token(),
+            draining: CancellationToken::new(),
         });
         tokio::spawn(read_loop(shared, Some(service)));
     }
@@ -327,10 +334,19 @@ impl<M: Method> Replies<M> {
             // The final reply of a stream only says "done".
             return None;
         }
+        // A reply that does not decode, or whose descriptors do not match, is the
+        // answering side's fault: INTERNAL, not the caller's INVALID_ARGUMENT.
+        let malformed = |e: &dyn std::fmt::Display| {
+            Status::internal(format!("Malformed {} reply: {e}", M::PATH))
+        };
         Some(
             M::Response::decode(&reply.message[..])
-                .map_err(|e| Status::internal(format!("Malformed {} reply: {e}", M::PATH)))
-                .and_then(|message| Fds::claim(&message, fds).map(|fds| (message, fds))),
+                .map_err(|e| malformed(&e))
+                .and_then(|message| {
+                    Fds::claim(&message, fds)
+                        .map(|fds| (message, fds))
+                        .map_err(|e| malformed(&e))
+                }),
         )
     }
 }
@@ -347,6 +363,7 @@ async fn read_loop(shared: Arc<Shared>, service: Option<Arc<dyn Service>>) {
         let received = tokio::select! {
             r = shared.channel.recv() => r,
             () = shared.closed.cancelled() => break,
+            () = shared.draining.cancelled() => break,
         };
         let datagram = match received {
             Ok(Some(d)) => d,
@@ -386,6 +403,7 @@ async fn read_loop(shared: Arc<Shared>, service: Option<Arc<dyn Service>>) {
                 let permit = tokio::select! {
                     p = calls.clone().acquire_owned() => p.expect("semaphore never closed"),
                     () = shared.closed.cancelled() => break,
+                    () = shared.draining.cancelled() => break,
                 };
                 let shared = shared.clone();
                 let service = service.clone();
@@ -440,6 +458,10 @@ async fn read_loop(shared: Arc<Shared>, service: Option<Arc<dyn Service>>) {
                 });
             }
         }
+    }
+    if shared.draining.is_cancelled() {
+        let all = MAX_CALLS_IN_FLIGHT as u32;
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, calls.acquire_many(all)).await;
     }
     shared.close();
 }

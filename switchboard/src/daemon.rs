@@ -61,11 +61,23 @@ pub fn bind(path: &Path, mode: u32, group: Option<&str>) -> io::Result<Listener>
     }
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
-            if is_live(path) {
-                return Err(io::Error::new(
-                    io::ErrorKind::AddrInUse,
-                    format!("a switchboard is already listening at {}", path.display()),
-                ));
+            match probe(path) {
+                Ok(()) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AddrInUse,
+                        format!("a switchboard is already listening at {}", path.display()),
+                    ));
+                }
+                Err(nix::errno::Errno::ECONNREFUSED) => {}
+                Err(e) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AddrInUse,
+                        format!(
+                            "cannot tell whether {} is in use ({e}); remove it if it is stale",
+                            path.display()
+                        ),
+                    ));
+                }
             }
             tracing::info!(path = %path.display(), "removing stale socket");
             std::fs::remove_file(path).map_err(|e| context("cannot remove stale socket", e))?;
@@ -108,20 +120,18 @@ pub fn bind(path: &Path, mode: u32, group: Option<&str>) -> io::Result<Listener>
     Ok(listener)
 }
 
-/// Whether something accepts connections at `path` (a refused connect means stale).
-fn is_live(path: &Path) -> bool {
+/// Tries to connect to `path`. Only a refused connect proves the socket stale.
+fn probe(path: &Path) -> nix::Result<()> {
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
     use std::os::fd::AsRawFd;
     // Blocking is fine here: this runs once, before serving.
-    let Ok(fd) = socket(
+    let fd = socket(
         AddressFamily::Unix,
         SockType::SeqPacket,
         SockFlag::SOCK_CLOEXEC,
         None,
-    ) else {
-        return false;
-    };
-    UnixAddr::new(path).is_ok_and(|addr| connect(fd.as_raw_fd(), &addr).is_ok())
+    )?;
+    connect(fd.as_raw_fd(), &UnixAddr::new(path)?)
 }
 
 /// Raises the soft descriptor limit to the hard limit: every handle is a descriptor.
