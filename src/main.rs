@@ -60,12 +60,66 @@ enum Command {
         #[arg(required = true, value_name = "[PATH] LABELS")]
         args: Vec<String>,
     },
+    /// Turn accepted connections into switchboard connections.
+    #[command(subcommand)]
+    Ingress(IngressCommand),
+    /// Make outbound connections on the switchboard's behalf.
+    #[command(subcommand)]
+    Egress(EgressCommand),
     /// List the targets matching LABELS, one JSON object per line.
     Ls {
         /// [PATH] [LABELS...]
         #[arg(value_name = "[PATH] [LABELS]")]
         args: Vec<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum IngressCommand {
+    /// Accept on ADDRESS and push each connection to the server matching LABELS.
+    ///
+    /// ADDRESS is IPv4:port (0.0.0.0:80), [IPv6]:port ([::]:80) or a Unix socket
+    /// path. Port 0 picks a free port and logs it. Each connection carries the labels
+    /// address_family, client_address, client_port, server_address, server_port
+    /// (Unix: address_family=unix, server_path). A failed push closes that
+    /// connection only; if the switchboard restarts, the ingress reconnects.
+    Accept {
+        /// Where to listen.
+        #[arg(value_parser = parse_address)]
+        address: flower_ingress::Address,
+        /// [PATH] LABELS...
+        #[arg(required = true, value_name = "[PATH] LABELS")]
+        args: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum EgressCommand {
+    /// Register as an egress under LABELS and make the connections clients ask for.
+    ///
+    /// Connection labels address_family=inet|inet6 with numeric server_address and
+    /// server_port make a TCP connection; address_family=unix with server_path
+    /// connects to a Unix stream socket, only under an --allow-unix-prefix directory.
+    /// Re-registers when the switchboard restarts.
+    Connect {
+        /// Allow Unix-path connects under this directory (repeatable; none by default).
+        #[arg(long = "allow-unix-prefix", value_name = "DIR")]
+        allow_unix_prefix: Vec<PathBuf>,
+        /// Seconds to wait for an outbound connect.
+        #[arg(long, default_value_t = 10.0)]
+        connect_timeout: f64,
+        /// [PATH] LABELS...
+        #[arg(required = true, value_name = "[PATH] LABELS")]
+        args: Vec<String>,
+    },
+}
+
+fn parse_address(s: &str) -> Result<flower_ingress::Address, String> {
+    s.parse()
+}
+
+fn seconds(value: f64, flag: &str) -> Result<Duration, UsageError> {
+    Duration::try_from_secs_f64(value).map_err(|_| UsageError(format!("invalid {flag} {value}")))
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -78,9 +132,11 @@ fn parse_mode(s: &str) -> Result<u32, String> {
 fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     if json {
         builder.json().init();
     } else {
@@ -102,8 +158,7 @@ async fn run(command: Command) -> Result<()> {
                 Some(p) => p,
                 None => default_path()?,
             };
-            let call_timeout = Duration::try_from_secs_f64(call_timeout)
-                .map_err(|_| UsageError(format!("invalid --call-timeout {call_timeout}")))?;
+            let call_timeout = seconds(call_timeout, "--call-timeout")?;
             let config = flower_switchboard::Config { call_timeout };
             flower_switchboard::daemon::run(flower_switchboard::daemon::Options {
                 path,
@@ -117,6 +172,24 @@ async fn run(command: Command) -> Result<()> {
             init_logging(false);
             let (path, labels) = path_and_labels(&args)?;
             flowercat::cat(&path, &labels, listen).await?;
+        }
+        Command::Ingress(IngressCommand::Accept { address, args }) => {
+            init_logging(false);
+            let (path, labels) = path_and_labels(&args)?;
+            flower_ingress::accept(&address, &path, &labels).await?;
+        }
+        Command::Egress(EgressCommand::Connect {
+            allow_unix_prefix,
+            connect_timeout,
+            args,
+        }) => {
+            init_logging(false);
+            let (path, labels) = path_and_labels(&args)?;
+            let options = flower_egress::Options {
+                allowed_unix_prefixes: allow_unix_prefix,
+                connect_timeout: seconds(connect_timeout, "--connect-timeout")?,
+            };
+            flower_egress::connect(&path, &labels, options).await?;
         }
         Command::Ls { args } => {
             init_logging(false);

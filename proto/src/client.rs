@@ -38,6 +38,15 @@ pub struct ConnectError {
     pub source: io::Error,
 }
 
+/// Either way of failing to get a usable handle.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error(transparent)]
+    Status(#[from] Status),
+}
+
 /// A handle to a switchboard: a capability with some rights and fixed labels.
 #[derive(Clone)]
 pub struct Switchboard {
@@ -179,6 +188,22 @@ impl Switchboard {
             .transpose()?
             .map(|(reply, _)| reply.labels);
         Ok(TargetList { first, replies })
+    }
+
+    /// Whether the channel to the switchboard is gone (it exited or revoked the handle).
+    pub fn is_closed(&self) -> bool {
+        self.peer.is_closed()
+    }
+
+    /// Connects to `path` and constrains the handle to `rights` with in = out = `labels`,
+    /// as the tools do.
+    pub async fn connect_as(
+        path: &Path,
+        rights: &[Right],
+        labels: &Labels,
+    ) -> Result<Switchboard, ClientError> {
+        let root = Switchboard::connect(path).await?;
+        Ok(root.constrain(rights, labels, labels).await?)
     }
 
     /// The underlying RPC peer, for calls this API does not wrap.
