@@ -208,14 +208,7 @@ impl Peer {
         service: Option<Arc<dyn Service>>,
         parent: &CancellationToken,
     ) -> Peer {
-        let shared = Arc::new(Shared {
-            channel,
-            pending: Mutex::new(HashMap::new()),
-            next_id: AtomicU64::new(1),
-            closed: parent.child_token(),
-            draining: CancellationToken::new(),
-        });
-        tokio::spawn(read_loop(shared.clone(), service));
+        let shared = start_reader(channel, service, parent);
         Peer {
             owner: Arc::new(Owner { shared }),
         }
@@ -224,14 +217,7 @@ impl Peer {
     /// Serves `service` on `channel` with no calling side and no owner: the channel
     /// lives until the other end closes it or `parent` is cancelled.
     pub fn serve(channel: Channel, service: Arc<dyn Service>, parent: &CancellationToken) {
-        let shared = Arc::new(Shared {
-            channel,
-            pending: Mutex::new(HashMap::new()),
-            next_id: AtomicU64::new(1),
-            closed: parent.child_token(),
-            draining: CancellationToken::new(),
-        });
-        tokio::spawn(read_loop(shared, Some(service)));
+        start_reader(channel, Some(service), parent);
     }
 
     /// Closes the channel now: the peer sees end of stream, waiting calls fail.
@@ -355,6 +341,22 @@ impl<M: Method> Drop for Replies<M> {
     fn drop(&mut self) {
         self.shared.pending.lock().unwrap().remove(&self.id);
     }
+}
+
+fn start_reader(
+    channel: Channel,
+    service: Option<Arc<dyn Service>>,
+    parent: &CancellationToken,
+) -> Arc<Shared> {
+    let shared = Arc::new(Shared {
+        channel,
+        pending: Mutex::new(HashMap::new()),
+        next_id: AtomicU64::new(1),
+        closed: parent.child_token(),
+        draining: CancellationToken::new(),
+    });
+    tokio::spawn(read_loop(shared.clone(), service));
+    shared
 }
 
 async fn read_loop(shared: Arc<Shared>, service: Option<Arc<dyn Service>>) {
