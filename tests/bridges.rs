@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 
@@ -64,19 +64,6 @@ fn egress(path: &std::path::Path, labels: &str, extra: &[&str]) -> Tool {
     )
 }
 
-fn round_trip(a: &mut impl ReadWrite, b: &mut impl ReadWrite) {
-    a.write_all(b"ping").unwrap();
-    let mut buf = [0; 4];
-    b.read_exact(&mut buf).unwrap();
-    assert_eq!(&buf, b"ping");
-    b.write_all(b"pong").unwrap();
-    a.read_exact(&mut buf).unwrap();
-    assert_eq!(&buf, b"pong");
-}
-
-trait ReadWrite: Read + Write {}
-impl<T: Read + Write> ReadWrite for T {}
-
 fn unix(fd: std::os::fd::OwnedFd) -> std::os::unix::net::UnixStream {
     let s = std::os::unix::net::UnixStream::from(fd);
     s.set_read_timeout(Some(PATIENCE)).unwrap();
@@ -125,7 +112,7 @@ async fn ingress_forwards_tcp_with_address_labels() {
         );
         assert_eq!(l["server_address"], bound_addr.ip().to_string());
         assert_eq!(l["server_port"], bound_addr.port().to_string());
-        round_trip(&mut outside, &mut unix(incoming.socket));
+        exchange(&mut outside, &mut unix(incoming.socket));
     }
 }
 
@@ -156,7 +143,7 @@ async fn ingress_accepts_on_unix_paths_and_survives_failed_pushes() {
         .unwrap()
         .unwrap();
     assert_eq!(incoming.labels["address_family"], "unix");
-    round_trip(&mut outside, &mut unix(incoming.socket));
+    exchange(&mut outside, &mut unix(incoming.socket));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -177,7 +164,7 @@ async fn egress_connects_tcp_and_reports_errors() {
     let conn = root.client_connect(&want).await.unwrap();
     let (mut far, _) = listener.accept().unwrap();
     far.set_read_timeout(Some(PATIENCE)).unwrap();
-    round_trip(&mut unix(conn.socket), &mut far);
+    exchange(&mut unix(conn.socket), &mut far);
 
     // Refused: a port nobody listens on any more.
     let closed_port = {
@@ -281,7 +268,7 @@ async fn egress_refuses_unix_paths_outside_the_allow_list() {
     let conn = root.client_connect(&ok).await.unwrap();
     let (far, _) = listener.accept().unwrap();
     far.set_read_timeout(Some(PATIENCE)).unwrap();
-    round_trip(&mut unix(conn.socket), &mut { far });
+    exchange(&mut unix(conn.socket), &mut { far });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -324,7 +311,7 @@ async fn ingress_and_egress_survive_a_switchboard_restart() {
         .await
         .unwrap()
         .unwrap();
-    round_trip(&mut outside, &mut unix(incoming.socket));
+    exchange(&mut outside, &mut unix(incoming.socket));
 
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port().to_string();
@@ -339,7 +326,7 @@ async fn ingress_and_egress_survive_a_switchboard_restart() {
         .unwrap();
     let (mut far, _) = listener.accept().unwrap();
     far.set_read_timeout(Some(PATIENCE)).unwrap();
-    round_trip(&mut unix(conn.socket), &mut far);
+    exchange(&mut unix(conn.socket), &mut far);
     drop((ingress_tool, egress_tool));
 }
 
@@ -373,11 +360,11 @@ async fn two_thousand_forwarded_connections_leak_nothing() {
             .await
             .unwrap()
             .unwrap();
-        round_trip(&mut outside, &mut unix(incoming.socket));
+        exchange(&mut outside, &mut unix(incoming.socket));
         let conn = root.client_connect(&out).await.unwrap();
         let (mut far, _) = listener.accept().unwrap();
         far.set_read_timeout(Some(PATIENCE)).unwrap();
-        round_trip(&mut unix(conn.socket), &mut far);
+        exchange(&mut unix(conn.socket), &mut far);
     };
     one_each(&mut server).await;
     let base = (

@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
@@ -13,29 +12,15 @@ use flower_proto::transport::Channel;
 use flower_proto::{Code, Labels, Reply};
 use prost::Message;
 
-const ALL: [Right; 6] = [
-    Right::ClientConnect,
-    Right::EgressStart,
-    Right::IngressConnect,
-    Right::ResolverStart,
-    Right::ServerStart,
-    Right::List,
-];
+/// Every right, from the switchboard's own definition.
+fn all_rights() -> Vec<Right> {
+    flower_switchboard::Rights::ALL.to_vec()
+}
 
 fn stream(fd: std::os::fd::OwnedFd) -> UnixStream {
     let s = UnixStream::from(fd);
     s.set_read_timeout(Some(PATIENCE)).unwrap();
     s
-}
-
-fn exchange(client: &mut UnixStream, server: &mut UnixStream) {
-    client.write_all(b"ping").unwrap();
-    let mut buf = [0; 4];
-    server.read_exact(&mut buf).unwrap();
-    assert_eq!(&buf, b"ping");
-    server.write_all(b"pong").unwrap();
-    client.read_exact(&mut buf).unwrap();
-    assert_eq!(&buf, b"pong");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -110,12 +95,16 @@ async fn constrain_cannot_override_labels() {
     let daemon = Daemon::start();
     let root = daemon.connect().await;
     let pod = root
-        .constrain(&ALL, &labels(&[("toast", "a")]), &labels(&[("dog", "x")]))
+        .constrain(
+            &all_rights(),
+            &labels(&[("toast", "a")]),
+            &labels(&[("dog", "x")]),
+        )
         .await
         .unwrap();
 
     let err = pod
-        .constrain(&ALL, &labels(&[("toast", "b")]), &Labels::new())
+        .constrain(&all_rights(), &labels(&[("toast", "b")]), &Labels::new())
         .await
         .err()
         .unwrap();
@@ -125,7 +114,7 @@ async fn constrain_cannot_override_labels() {
         r#"In-labels ["toast"] are already defined with different values"#
     );
     let err = pod
-        .constrain(&ALL, &Labels::new(), &labels(&[("dog", "y")]))
+        .constrain(&all_rights(), &Labels::new(), &labels(&[("dog", "y")]))
         .await
         .err()
         .unwrap();
@@ -160,12 +149,12 @@ async fn constrain_cannot_override_labels() {
 
     // Repeating a fixed label with the same value is fine; empty keys are not.
     assert!(
-        pod.constrain(&ALL, &labels(&[("toast", "a")]), &Labels::new())
+        pod.constrain(&all_rights(), &labels(&[("toast", "a")]), &Labels::new())
             .await
             .is_ok()
     );
     let err = pod
-        .constrain(&ALL, &labels(&[("", "a")]), &Labels::new())
+        .constrain(&all_rights(), &labels(&[("", "a")]), &Labels::new())
         .await
         .err()
         .unwrap();

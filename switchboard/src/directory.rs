@@ -285,7 +285,7 @@ mod tests {
             state ^= state << 17;
             state
         };
-        let mut random_labels = |next: &mut dyn FnMut() -> u64| -> Labels {
+        let random_labels = |next: &mut dyn FnMut() -> u64| -> Labels {
             let mut labels = Labels::new();
             for k in keys {
                 if next() % 3 != 0 {

@@ -196,6 +196,20 @@ pub async fn list(sb: &Switchboard, filter: &Labels) -> Vec<Labels> {
     all
 }
 
+/// Sends "ping" from `a` to `b` and "pong" back: both directions of a connection work.
+pub fn exchange(
+    a: &mut (impl std::io::Read + std::io::Write),
+    b: &mut (impl std::io::Read + std::io::Write),
+) {
+    a.write_all(b"ping").unwrap();
+    let mut buf = [0; 4];
+    b.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"ping");
+    b.write_all(b"pong").unwrap();
+    a.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"pong");
+}
+
 // ---- raw protocol, for malformed input ----
 
 pub fn call_frame(id: u64, method: &str, message: Vec<u8>) -> Vec<u8> {
