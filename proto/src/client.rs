@@ -24,18 +24,19 @@ use crate::fds::OutFds;
 use crate::rpc::{Method, Peer, Replies, Request, Response, Service, StreamSink};
 use crate::switchboard::{self as sb, Right};
 use crate::transport::Channel;
-use crate::{Labels, Status, egress, server};
+use crate::{Labels, Status, egress, resolver, server};
 
 /// Incoming connections or egress requests queued before the application takes them.
 const QUEUE: usize = 64;
 
 /// Could not reach the switchboard at all.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot connect to the switchboard at {}: {source}", path.display())]
+// The OS error is part of the message and deliberately not a `#[source]`, so
+// error-chain printers (`{:#}`) do not repeat it.
+#[error("cannot connect to the switchboard at {}: {error}", path.display())]
 pub struct ConnectError {
     pub path: PathBuf,
-    #[source]
-    pub source: io::Error,
+    pub error: io::Error,
 }
 
 /// Either way of failing to get a usable handle.
@@ -63,12 +64,10 @@ pub struct Connection {
 impl Switchboard {
     /// Connects to the switchboard listening at `path` (a handle with all rights).
     pub async fn connect(path: &Path) -> Result<Switchboard, ConnectError> {
-        let channel = Channel::connect(path)
-            .await
-            .map_err(|source| ConnectError {
-                path: path.to_owned(),
-                source,
-            })?;
+        let channel = Channel::connect(path).await.map_err(|error| ConnectError {
+            path: path.to_owned(),
+            error,
+        })?;
         Ok(Switchboard::from_channel(channel))
     }
 
@@ -115,7 +114,8 @@ impl Switchboard {
             .call::<sb::rpc::ClientConnect>(&request, Vec::new())
             .await?;
         Ok(Connection {
-            socket: fds.take_socket(reply.server, "server")?,
+            // The switchboard made this socket or checked it: no fstat() per connect.
+            socket: fds.take(reply.server, "server")?,
             labels: reply.connection_labels,
         })
     }
@@ -167,12 +167,36 @@ impl Switchboard {
             .peer
             .call::<sb::rpc::EgressStart>(&request, Vec::new())
             .await?;
-        let (tx, requests) = mpsc::channel(QUEUE);
-        let peer = registration(
+        pending_registration::<egress::rpc::Connect, _>(
             fds.take(reply.egress, "egress")?,
-            Arc::new(EgressService { tx }),
-        )?;
-        Ok(Egress { requests, peer })
+            |m| m.connection_labels,
+            encode_egress,
+        )
+    }
+
+    /// Registers a resolver for connects that carry every key in `resolve_keys` and
+    /// do not contradict `in_labels`; `out_labels` are forced onto its answers.
+    /// Requests arrive through the returned [`Resolver`].
+    pub async fn resolver_start(
+        &self,
+        resolve_keys: &[&str],
+        in_labels: &Labels,
+        out_labels: &Labels,
+    ) -> Result<Resolver, Status> {
+        let request = sb::ResolverStartRequest {
+            resolve_labels: resolve_keys.iter().map(|k| k.to_string()).collect(),
+            in_labels: in_labels.clone(),
+            out_labels: out_labels.clone(),
+        };
+        let (reply, mut fds) = self
+            .peer
+            .call::<sb::rpc::ResolverStart>(&request, Vec::new())
+            .await?;
+        pending_registration::<resolver::rpc::Resolve, _>(
+            fds.take(reply.resolver, "resolver")?,
+            |m| m.resolve_labels,
+            encode_resolve,
+        )
     }
 
     /// Streams the label sets of all targets matching `out_labels`. A refused call
@@ -220,6 +244,18 @@ fn registration(fd: OwnedFd, service: Arc<dyn Service>) -> Result<Peer, Status> 
         Some(service),
         &CancellationToken::new(),
     ))
+}
+
+/// Serves `M` on a registration channel, queueing calls for the application.
+fn pending_registration<M: Method + 'static, A: Send + 'static>(
+    fd: OwnedFd,
+    labels: fn(M::Request) -> Labels,
+    encode: fn(A) -> Response,
+) -> Result<Registration<A>, Status> {
+    let (tx, requests) = mpsc::channel(QUEUE);
+    let service = PendingService::<M, A> { tx, labels, encode };
+    let peer = registration(fd, Arc::new(service))?;
+    Ok(Registration { requests, peer })
 }
 
 /// The label sets streamed by [`Switchboard::list`].
@@ -271,7 +307,8 @@ impl Service for ServerService {
         Box::pin(async move {
             expect_method::<server::rpc::Connect>(&request)?;
             let (message, mut fds) = request.decode::<server::rpc::Connect>()?;
-            let socket = fds.take_socket(message.client, "client")?;
+            // The switchboard made this socket or checked it: no fstat() per connect.
+            let socket = fds.take(message.client, "client")?;
             let connection = Connection {
                 socket,
                 labels: message.connection_labels,
@@ -285,70 +322,93 @@ impl Service for ServerService {
     }
 }
 
-/// A registered egress.
-pub struct Egress {
-    requests: mpsc::Receiver<EgressRequest>,
+/// A registration whose calls wait for the application's answer: an [`Egress`] or a
+/// [`Resolver`].
+pub struct Registration<A> {
+    requests: mpsc::Receiver<Pending<A>>,
     peer: Peer,
 }
 
-impl Egress {
-    /// The next connect request; `None` once the switchboard closed the registration.
-    pub async fn next(&mut self) -> Option<EgressRequest> {
+/// A registered egress: answer each request with a connected socket.
+pub type Egress = Registration<OwnedFd>;
+/// One `Egress.Connect`; `labels` are the connection labels.
+pub type EgressRequest = Pending<OwnedFd>;
+/// A registered resolver: answer each request with weighted targets.
+pub type Resolver = Registration<resolver::ResolveResponse>;
+/// One `Resolver.Resolve`; `labels` are the labels to resolve.
+pub type ResolveRequest = Pending<resolver::ResolveResponse>;
+
+impl<A> Registration<A> {
+    /// The next request; `None` once the switchboard closed the registration.
+    pub async fn next(&mut self) -> Option<Pending<A>> {
         tokio::select! {
             r = self.requests.recv() => r,
             () = self.peer.closed() => self.requests.try_recv().ok(),
         }
     }
 
+    /// Resolves when the switchboard closed the registration.
     pub async fn closed(&self) {
         self.peer.closed().await
     }
 }
 
-/// One `Egress.Connect`: answer it with the connected socket or an error.
-pub struct EgressRequest {
+/// A call from the switchboard: answer it with [`Pending::respond`] (dropping it
+/// answers `UNAVAILABLE`).
+pub struct Pending<A> {
     pub labels: Labels,
-    reply: oneshot::Sender<Result<OwnedFd, Status>>,
+    reply: oneshot::Sender<Result<A, Status>>,
 }
 
-impl EgressRequest {
-    pub fn respond(self, result: Result<OwnedFd, Status>) {
+impl<A> Pending<A> {
+    pub fn respond(self, result: Result<A, Status>) {
         let _ = self.reply.send(result);
     }
 }
 
-struct EgressService {
-    tx: mpsc::Sender<EgressRequest>,
+/// Serves method `M` by queueing each call for the application and encoding its answer.
+struct PendingService<M: Method, A> {
+    tx: mpsc::Sender<Pending<A>>,
+    labels: fn(M::Request) -> Labels,
+    encode: fn(A) -> Response,
 }
 
-impl Service for EgressService {
+impl<M: Method + 'static, A: Send + 'static> Service for PendingService<M, A> {
     fn call(
         self: Arc<Self>,
         request: Request,
         _: StreamSink,
     ) -> BoxFuture<'static, Result<Response, Status>> {
         Box::pin(async move {
-            expect_method::<egress::rpc::Connect>(&request)?;
-            let (message, _) = request.decode::<egress::rpc::Connect>()?;
+            expect_method::<M>(&request)?;
+            let (message, _) = request.decode::<M>()?;
             let (reply, rx) = oneshot::channel();
-            let request = EgressRequest {
-                labels: message.connection_labels,
+            let pending = Pending {
+                labels: (self.labels)(message),
                 reply,
             };
             self.tx
-                .send(request)
+                .send(pending)
                 .await
-                .map_err(|_| Status::unavailable("Egress is no longer accepting"))?;
-            let socket = rx
+                .map_err(|_| Status::unavailable("Registrant is no longer accepting"))?;
+            let answer = rx
                 .await
-                .map_err(|_| Status::unavailable("Egress dropped the request"))??;
-            let mut fds = OutFds::new();
-            let response = egress::ConnectResponse {
-                server: fds.push(socket),
-            };
-            Ok(Response::new(&response, fds.into_vec()))
+                .map_err(|_| Status::unavailable("Registrant dropped the request"))??;
+            Ok((self.encode)(answer))
         })
     }
+}
+
+fn encode_egress(socket: OwnedFd) -> Response {
+    let mut fds = OutFds::new();
+    let response = egress::ConnectResponse {
+        server: fds.push(socket),
+    };
+    Response::new(&response, fds.into_vec())
+}
+
+fn encode_resolve(response: resolver::ResolveResponse) -> Response {
+    Response::new(&response, Vec::new())
 }
 
 fn expect_method<M: Method>(request: &Request) -> Result<(), Status> {

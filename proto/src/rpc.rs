@@ -13,12 +13,12 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
 use prost::Message;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::fds::{FdFields, Fds};
@@ -108,13 +108,75 @@ impl StreamSink {
 
 type ReplyTx = mpsc::UnboundedSender<(Reply, Vec<OwnedFd>)>;
 
+/// A channel's one-way states, `closed` and `draining`, with one waiter list for
+/// both. Cheaper than `CancellationToken`s (no separately allocated tree nodes), and
+/// the reader waits on one future for both: memory counts at 100 000 idle channels.
+#[derive(Default)]
+struct States {
+    closed: AtomicBool,
+    /// Stop reading, let calls in flight send their replies, then close.
+    draining: AtomicBool,
+    changed: Notify,
+}
+
+impl States {
+    fn set(&self, flag: &AtomicBool) {
+        if !flag.swap(true, Ordering::AcqRel) {
+            self.changed.notify_waiters();
+        }
+    }
+
+    fn close(&self) {
+        self.set(&self.closed);
+    }
+
+    fn drain(&self) {
+        self.set(&self.draining);
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    async fn wait_until(&self, done: impl Fn(&States) -> bool) {
+        loop {
+            // Created before the check, so a change in between still wakes it.
+            let notified = self.changed.notified();
+            if done(self) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    async fn closed(&self) {
+        self.wait_until(States::is_closed).await
+    }
+
+    async fn closed_or_draining(&self) {
+        self.wait_until(|s| s.is_closed() || s.is_draining()).await
+    }
+}
+
+type CloseHook = Box<dyn FnOnce() + Send>;
+
+enum OnClose {
+    Pending(Option<CloseHook>),
+    Ran,
+}
+
 struct Shared {
     channel: Channel,
     pending: Mutex<HashMap<u64, ReplyTx>>,
     next_id: AtomicU64,
-    closed: CancellationToken,
-    /// Stop reading, let calls in flight send their replies, then close.
-    draining: CancellationToken,
+    states: States,
+    /// Incoming calls in flight (permits are returned by [`CallSlot`]).
+    calls: Semaphore,
+    on_close: Mutex<OnClose>,
 }
 
 impl Shared {
@@ -129,7 +191,7 @@ impl Shared {
         let borrowed: Vec<_> = fds.iter().map(|fd| fd.as_fd()).collect();
         tokio::select! {
             r = self.channel.send(&bytes, &borrowed) => r.map_err(|e| Status::unavailable(format!("Channel send failed: {e}"))),
-            () = self.closed.cancelled() => Err(closed_status()),
+            () = self.states.closed() => Err(closed_status()),
         }
     }
 
@@ -168,7 +230,7 @@ impl Shared {
     }
 
     fn close(&self) {
-        self.closed.cancel();
+        self.states.close();
         self.channel.shutdown();
         // Waiting callers see their reply sender dropped: UNAVAILABLE.
         self.pending.lock().unwrap().clear();
@@ -196,7 +258,7 @@ impl Drop for Owner {
     fn drop(&mut self) {
         // Graceful: a server that takes a connection and drops its registration at once
         // must still get its OK reply out.
-        self.shared.draining.cancel();
+        self.shared.states.drain();
     }
 }
 
@@ -227,11 +289,25 @@ impl Peer {
 
     /// Resolves once the channel is closed, by either side.
     pub async fn closed(&self) {
-        self.owner.shared.closed.cancelled().await
+        self.owner.shared.states.closed().await
     }
 
     pub fn is_closed(&self) -> bool {
-        self.owner.shared.closed.is_cancelled()
+        self.owner.shared.states.is_closed()
+    }
+
+    /// Runs `hook` once the channel is closed and its reader has stopped (at once if
+    /// that already happened). One hook per peer; a later one replaces an earlier.
+    /// Cheaper than a task waiting on [`Peer::closed`], for one per registration.
+    pub fn on_close(&self, hook: impl FnOnce() + Send + 'static) {
+        let mut on_close = self.owner.shared.on_close.lock().unwrap();
+        match &mut *on_close {
+            OnClose::Pending(slot) => *slot = Some(Box::new(hook)),
+            OnClose::Ran => {
+                drop(on_close);
+                hook();
+            }
+        }
     }
 
     /// A unary call.
@@ -258,7 +334,7 @@ impl Peer {
         fds: Vec<OwnedFd>,
     ) -> Result<Replies<M>, Status> {
         let shared = &self.owner.shared;
-        if shared.closed.is_cancelled() {
+        if shared.states.is_closed() {
             return Err(closed_status());
         }
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
@@ -352,20 +428,51 @@ fn start_reader(
         channel,
         pending: Mutex::new(HashMap::new()),
         next_id: AtomicU64::new(1),
-        closed: parent.child_token(),
-        draining: CancellationToken::new(),
+        states: States::default(),
+        calls: Semaphore::new(MAX_CALLS_IN_FLIGHT),
+        on_close: Mutex::new(OnClose::Pending(None)),
     });
-    tokio::spawn(read_loop(shared.clone(), service));
+    tokio::spawn(read_loop(shared.clone(), service, parent.clone()));
     shared
 }
 
-async fn read_loop(shared: Arc<Shared>, service: Option<Arc<dyn Service>>) {
-    let calls = Arc::new(Semaphore::new(MAX_CALLS_IN_FLIGHT));
+/// An incoming call's place among the [`MAX_CALLS_IN_FLIGHT`]; freed on drop.
+struct CallSlot(Arc<Shared>);
+
+impl Drop for CallSlot {
+    fn drop(&mut self) {
+        self.0.calls.add_permits(1);
+    }
+}
+
+async fn read_loop(
+    shared: Arc<Shared>,
+    service: Option<Arc<dyn Service>>,
+    parent: CancellationToken,
+) {
+    read_frames(&shared, service, &parent).await;
+    if shared.states.is_draining() {
+        let all = MAX_CALLS_IN_FLIGHT as u32;
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, shared.calls.acquire_many(all)).await;
+    }
+    shared.close();
+    let hook = std::mem::replace(&mut *shared.on_close.lock().unwrap(), OnClose::Ran);
+    if let OnClose::Pending(Some(hook)) = hook {
+        hook();
+    }
+}
+
+/// Reads until the channel closes, breaks the protocol, or is told to stop.
+async fn read_frames(
+    shared: &Arc<Shared>,
+    service: Option<Arc<dyn Service>>,
+    parent: &CancellationToken,
+) {
     loop {
         let received = tokio::select! {
             r = shared.channel.recv() => r,
-            () = shared.closed.cancelled() => break,
-            () = shared.draining.cancelled() => break,
+            () = shared.states.closed_or_draining() => break,
+            () = parent.cancelled() => break,
         };
         let datagram = match received {
             Ok(Some(d)) => d,
@@ -402,11 +509,12 @@ async fn read_loop(shared: Arc<Shared>, service: Option<Arc<dyn Service>>) {
                 }
             }
             Kind::Call(call) => {
-                let permit = tokio::select! {
-                    p = calls.clone().acquire_owned() => p.expect("semaphore never closed"),
-                    () = shared.closed.cancelled() => break,
-                    () = shared.draining.cancelled() => break,
+                tokio::select! {
+                    p = shared.calls.acquire() => p.expect("semaphore never closed").forget(),
+                    () = shared.states.closed_or_draining() => break,
+                    () = parent.cancelled() => break,
                 };
+                let slot = CallSlot(shared.clone());
                 let shared = shared.clone();
                 let service = service.clone();
                 tokio::spawn(async move {
@@ -425,7 +533,7 @@ async fn read_loop(shared: Arc<Shared>, service: Option<Arc<dyn Service>>) {
                             tokio::select! {
                                 r = service.call(request, sink) => r,
                                 // The caller is gone: abandon the work, close its descriptors.
-                                () = shared.closed.cancelled() => return,
+                                () = shared.states.closed() => return,
                             }
                         }
                         None => Err(Status::unimplemented(format!(
@@ -456,14 +564,9 @@ async fn read_loop(shared: Arc<Shared>, service: Option<Arc<dyn Service>>) {
                         ),
                     };
                     let _ = shared.send_reply(reply, fds).await;
-                    drop(permit);
+                    drop(slot);
                 });
             }
         }
     }
-    if shared.draining.is_cancelled() {
-        let all = MAX_CALLS_IN_FLIGHT as u32;
-        let _ = tokio::time::timeout(DRAIN_TIMEOUT, calls.acquire_many(all)).await;
-    }
-    shared.close();
 }

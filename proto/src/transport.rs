@@ -10,13 +10,18 @@
 //!   `OwnedFd` before anything else is looked at, so every error path closes them;
 //! * the data buffer is one byte larger than [`MAX_DATAGRAM`], so an oversize datagram
 //!   is detected (`MSG_TRUNC`) instead of silently cut;
-//! * the 64 KiB buffer is per thread, not per channel: an idle channel costs only its
-//!   socket and its registration with the reactor.
+//! * the 64 KiB buffers are per thread, not per channel: an idle channel costs only
+//!   its socket and its registration with the reactor;
+//! * one `recvmmsg` asks for two datagrams: when only one comes back the socket is
+//!   known to be empty, so the reactor's readiness is cleared at once instead of
+//!   finding out with one more `recvmsg` that fails with `EAGAIN` (a syscall saved
+//!   per message on every request/reply channel).
 
 use std::cell::RefCell;
 use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
+use std::sync::Mutex;
 
 use nix::sys::socket::{
     self, AddressFamily, Backlog, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr,
@@ -53,10 +58,15 @@ pub enum RecvError {
     Io(#[from] io::Error),
 }
 
+/// What one receive yields: a datagram, end of stream (`None`), or a refusal.
+type Received = Result<Option<Datagram>, RecvError>;
+
 /// A connected SOCK_SEQPACKET Unix socket registered with the tokio reactor.
 #[derive(Debug)]
 pub struct Channel {
     fd: AsyncFd<OwnedFd>,
+    /// The second datagram of a two-datagram `recvmmsg`, returned by the next `recv`.
+    spare: Mutex<Option<Box<Received>>>,
 }
 
 impl Channel {
@@ -69,8 +79,15 @@ impl Channel {
                 "descriptor is not a SOCK_SEQPACKET socket",
             ));
         }
-        set_nonblocking(fd.as_raw_fd())?;
-        Ok(Channel { fd: register(fd)? })
+        set_nonblocking(fd.as_fd(), true)?;
+        Channel::registered(fd)
+    }
+
+    fn registered(fd: OwnedFd) -> io::Result<Channel> {
+        Ok(Channel {
+            fd: register(fd)?,
+            spare: Mutex::new(None),
+        })
     }
 
     /// A connected pair: a channel for this process and the raw other end to hand out.
@@ -108,21 +125,33 @@ impl Channel {
             ));
         }
         let raw: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
-        self.fd
-            .async_io(Interest::WRITABLE, |fd| {
-                let iov = [IoSlice::new(bytes)];
-                let rights = [ControlMessage::ScmRights(&raw)];
-                let cmsgs: &[ControlMessage] = if raw.is_empty() { &[] } else { &rights };
-                socket::sendmsg::<()>(
-                    fd.as_raw_fd(),
-                    &iov,
-                    cmsgs,
-                    MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
-                    None,
-                )
-                .map(drop)
-                .map_err(io::Error::from)
-            })
+        let send_on = |fd: RawFd| {
+            let iov = [IoSlice::new(bytes)];
+            let rights = [ControlMessage::ScmRights(&raw)];
+            let cmsgs: &[ControlMessage] = if raw.is_empty() { &[] } else { &rights };
+            socket::sendmsg::<()>(
+                fd,
+                &iov,
+                cmsgs,
+                MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
+                None,
+            )
+            .map(drop)
+            .map_err(io::Error::from)
+        };
+        match send_on(self.fd.get_ref().as_raw_fd()) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            done => return done,
+        }
+        // The peer's queue is full (rare). The channel is registered for reading
+        // only — otherwise every read by the peer would wake this process with a
+        // writable event nobody waits for — so wait for room on a duplicate that is
+        // registered for writing just for as long as this takes.
+        let dup = self.fd.get_ref().try_clone()?;
+        // SAFETY: as in `register`: the duplicate is owned here and closed on drop.
+        let writer = unsafe { AsyncFd::register_with_interest(dup, Interest::WRITABLE) }?;
+        writer
+            .async_io(Interest::WRITABLE, |fd| send_on(fd.as_raw_fd()))
             .await
     }
 
@@ -130,10 +159,28 @@ impl Channel {
     ///
     /// A zero-length datagram is indistinguishable from end of stream on SEQPACKET
     /// and is treated as such.
-    pub async fn recv(&self) -> Result<Option<Datagram>, RecvError> {
-        self.fd
-            .async_io(Interest::READABLE, |fd| recv_now(fd.as_raw_fd()))
-            .await?
+    /// Only one task may receive on a channel (datagrams are returned in order to
+    /// whoever asks next).
+    pub async fn recv(&self) -> Received {
+        if let Some(spare) = self.spare.lock().unwrap().take() {
+            return *spare;
+        }
+        loop {
+            let mut guard = self.fd.readable().await?;
+            match recv_now(self.fd.get_ref().as_raw_fd()) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => guard.clear_ready(),
+                Err(e) => return Err(e.into()),
+                Ok((first, second)) => {
+                    match second {
+                        // Emptied: safe to clear, as readiness that arrived after the
+                        // wait began has a newer tick and is not cleared.
+                        None => guard.clear_ready(),
+                        Some(second) => *self.spare.lock().unwrap() = Some(Box::new(second)),
+                    }
+                    return first;
+                }
+            }
+        }
     }
 
     /// Shuts both directions down so the peer sees end of stream at once, even while
@@ -148,16 +195,28 @@ impl Channel {
 }
 
 fn register(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
+    // Readable only: see `Channel::send` for how writing waits.
     // SAFETY: `OwnedFd` owns its descriptor exclusively; it stays open and unchanged
     // until the `AsyncFd` holding it is dropped.
-    Ok(unsafe { AsyncFd::register(fd) }?)
+    Ok(unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }?)
 }
 
-fn set_nonblocking(fd: RawFd) -> io::Result<()> {
-    use nix::fcntl::{FcntlArg, OFlag, fcntl};
-    let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
-    fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+/// Sets or clears `O_NONBLOCK` with one `ioctl(FIONBIO)` rather than `fcntl` get +
+/// set: a syscall less per socket.
+pub fn set_nonblocking(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
+    let mut on = libc::c_int::from(on);
+    // SAFETY: FIONBIO reads one c_int from the pointer, which is valid for the call.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONBIO, &mut on) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
     Ok(())
+}
+
+/// `fd` in blocking mode, as applications expect of a connection they are handed
+/// (tokio leaves the sockets it made non-blocking; socketpairs start out blocking).
+pub fn blocking(fd: OwnedFd) -> io::Result<OwnedFd> {
+    set_nonblocking(fd.as_fd(), false)?;
+    Ok(fd)
 }
 
 /// A close-on-exec SOCK_SEQPACKET socketpair.
@@ -181,49 +240,61 @@ pub fn stream_pair() -> io::Result<(OwnedFd, OwnedFd)> {
 }
 
 thread_local! {
-    static RECV_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; MAX_DATAGRAM + 1]);
+    static RECV_BUFS: RefCell<[Vec<u8>; 2]> =
+        RefCell::new([vec![0; MAX_DATAGRAM + 1], vec![0; MAX_DATAGRAM + 1]]);
 }
 
-/// One non-blocking `recvmsg`. The outer error is for the reactor (`WouldBlock`).
-fn recv_now(fd: RawFd) -> io::Result<Result<Option<Datagram>, RecvError>> {
-    RECV_BUF.with_borrow_mut(|buf| {
-        // u64 words keep the control buffer aligned for `cmsghdr`.
-        let mut control = [0u64; CMSG_BUF_LEN.div_ceil(8)];
-        let mut iov = libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        };
-        // SAFETY: msghdr is plain data; every pointer set below outlives the call.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = std::mem::size_of_val(&control) as _;
-
-        // SAFETY: `msg` describes valid, writable buffers of the stated lengths.
-        let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT) };
+/// One non-blocking `recvmmsg` for up to two datagrams. The outer error is for the
+/// reactor (`WouldBlock`); a `None` second means the socket had nothing more.
+fn recv_now(fd: RawFd) -> io::Result<(Received, Option<Received>)> {
+    RECV_BUFS.with_borrow_mut(|bufs| {
+        // u64 words keep the control buffers aligned for `cmsghdr`.
+        let mut control = [[0u64; CMSG_BUF_LEN.div_ceil(8)]; 2];
+        let mut iovs = [0, 1].map(|i| libc::iovec {
+            iov_base: bufs[i].as_mut_ptr().cast(),
+            iov_len: bufs[i].len(),
+        });
+        // SAFETY: mmsghdr is plain data; every pointer set below outlives the call.
+        let mut msgs: [libc::mmsghdr; 2] = unsafe { std::mem::zeroed() };
+        for (i, m) in msgs.iter_mut().enumerate() {
+            m.msg_hdr.msg_iov = &mut iovs[i];
+            m.msg_hdr.msg_iovlen = 1;
+            m.msg_hdr.msg_control = control[i].as_mut_ptr().cast();
+            m.msg_hdr.msg_controllen = std::mem::size_of_val(&control[i]) as _;
+        }
+        let flags = libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT;
+        // SAFETY: `msgs` describes valid, writable buffers of the stated lengths.
+        let n =
+            unsafe { libc::recvmmsg(fd, msgs.as_mut_ptr(), 2, flags as _, std::ptr::null_mut()) };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
-        let fds = take_descriptors(&msg);
-        let n = n as usize;
-        if msg.msg_flags & libc::MSG_CTRUNC != 0 {
-            return Ok(Err(RecvError::Truncated));
-        }
-        if msg.msg_flags & libc::MSG_TRUNC != 0 || n > MAX_DATAGRAM {
-            return Ok(Err(RecvError::Oversize));
-        }
-        if fds.len() > MAX_FDS {
-            return Ok(Err(RecvError::TooManyFds(fds.len())));
-        }
-        if n == 0 {
-            return Ok(Ok(None));
-        }
-        Ok(Ok(Some(Datagram {
-            bytes: buf[..n].to_vec(),
-            fds,
-        })))
+        let first = finish(&msgs[0], &bufs[0]);
+        let second = (n >= 2).then(|| finish(&msgs[1], &bufs[1]));
+        Ok((first, second))
     })
+}
+
+/// Checks one received message and takes ownership of what it carried.
+fn finish(m: &libc::mmsghdr, buf: &[u8]) -> Received {
+    let fds = take_descriptors(&m.msg_hdr);
+    let n = m.msg_len as usize;
+    if m.msg_hdr.msg_flags & libc::MSG_CTRUNC != 0 {
+        return Err(RecvError::Truncated);
+    }
+    if m.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 || n > MAX_DATAGRAM {
+        return Err(RecvError::Oversize);
+    }
+    if fds.len() > MAX_FDS {
+        return Err(RecvError::TooManyFds(fds.len()));
+    }
+    if n == 0 {
+        return Ok(None);
+    }
+    Ok(Some(Datagram {
+        bytes: buf[..n].to_vec(),
+        fds,
+    }))
 }
 
 /// Wraps every descriptor of every SCM_RIGHTS message in `OwnedFd`.
@@ -270,7 +341,7 @@ impl Listener {
 
     /// Wraps an already listening socket (e.g. from systemd socket activation).
     pub fn from_fd(fd: OwnedFd) -> io::Result<Listener> {
-        set_nonblocking(fd.as_raw_fd())?;
+        set_nonblocking(fd.as_fd(), true)?;
         Ok(Listener { fd: register(fd)? })
     }
 
@@ -287,6 +358,73 @@ impl Listener {
                 Ok(unsafe { OwnedFd::from_raw_fd(raw) })
             })
             .await?;
-        Ok(Channel { fd: register(fd)? })
+        Channel::registered(fd)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    const PATIENCE: Duration = Duration::from_secs(10);
+
+    /// A sender facing a full queue waits and then completes; nothing is lost,
+    /// duplicated or reordered, whether datagrams are received one or two at a time.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn full_queues_wait_for_room_and_order_is_kept() {
+        let (a, b) = seqpacket_pair().unwrap();
+        let (a, b) = (Channel::new(a).unwrap(), Channel::new(b).unwrap());
+        let count = 2_000u32;
+        let sender = tokio::spawn(async move {
+            for i in 0..count {
+                let mut bytes = vec![0u8; 8192];
+                bytes[..4].copy_from_slice(&i.to_le_bytes());
+                a.send(&bytes, &[]).await.unwrap();
+            }
+            a
+        });
+        // Let the queue fill (2 000 × 8 KiB is far beyond a socket buffer).
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !sender.is_finished(),
+            "the sender should be waiting for room"
+        );
+        for i in 0..count {
+            let datagram = tokio::time::timeout(PATIENCE, b.recv())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            assert_eq!(datagram.bytes[..4], i.to_le_bytes());
+        }
+        let a = tokio::time::timeout(PATIENCE, sender)
+            .await
+            .unwrap()
+            .unwrap();
+        drop(a);
+        assert!(
+            b.recv().await.unwrap().is_none(),
+            "end of stream after the last"
+        );
+    }
+
+    /// Two datagrams that arrive together, each with a descriptor: both are delivered,
+    /// in order, with their own descriptors.
+    #[tokio::test]
+    async fn datagrams_received_together_keep_their_descriptors() {
+        let (a, b) = Channel::pair().unwrap();
+        let b = Channel::new(b).unwrap();
+        let (x, _) = stream_pair().unwrap();
+        let (y, _) = stream_pair().unwrap();
+        a.send(b"one", &[x.as_fd()]).await.unwrap();
+        a.send(b"two", &[y.as_fd(), x.as_fd()]).await.unwrap();
+        let first = b.recv().await.unwrap().unwrap();
+        let second = b.recv().await.unwrap().unwrap();
+        assert_eq!((first.bytes.as_slice(), first.fds.len()), (&b"one"[..], 1));
+        assert_eq!(
+            (second.bytes.as_slice(), second.fds.len()),
+            (&b"two"[..], 2)
+        );
     }
 }
