@@ -9,7 +9,7 @@ use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use nix::sys::stat::{Mode, umask};
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::{Config, Switchboard};
+use crate::{Config, Switchboard, systemd};
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -18,19 +18,38 @@ pub struct Options {
     pub mode: u32,
     /// Group owning the socket file.
     pub group: Option<String>,
+    /// Descriptor limit to run with; `None`: as high as allowed.
+    pub nofile: Option<u64>,
     pub config: Config,
 }
 
-/// Runs until SIGTERM or SIGINT, then removes the socket file.
+/// Runs until SIGTERM or SIGINT, then removes the socket file (unless it came from
+/// socket activation). Tells a service manager when it is ready and when it stops.
 pub async fn run(options: Options) -> io::Result<()> {
-    raise_nofile_limit();
-    let path = &options.path;
-    let listener = bind(path, options.mode, options.group.as_deref())?;
-    let identity = std::fs::symlink_metadata(path).map(|m| (m.dev(), m.ino()))?;
-    tracing::info!(path = %path.display(), "switchboard listening");
-
+    match options.nofile {
+        None => raise_nofile_limit(),
+        Some(limit) => set_nofile_limit(limit)?,
+    }
+    // Handlers first: once the socket accepts (or READY=1 is sent), SIGTERM must
+    // mean a clean stop.
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let path = &options.path;
+    // With socket activation the service manager owns the socket file.
+    let (listener, identity) = match systemd::activated_listener()? {
+        Some(fd) => {
+            tracing::info!("switchboard listening on the socket passed by the service manager");
+            (Listener::from_fd(fd)?, None)
+        }
+        None => {
+            let listener = bind(path, options.mode, options.group.as_deref())?;
+            let identity = std::fs::symlink_metadata(path).map(|m| (m.dev(), m.ino()))?;
+            tracing::info!(path = %path.display(), "switchboard listening");
+            (listener, Some(identity))
+        }
+    };
+    systemd::notify("READY=1");
+
     let shutdown = async {
         tokio::select! {
             _ = term.recv() => {}
@@ -40,9 +59,13 @@ pub async fn run(options: Options) -> io::Result<()> {
     Switchboard::new(options.config)
         .serve(listener, shutdown)
         .await;
+    systemd::notify("STOPPING=1");
 
-    // Remove the socket only if it is still ours (not replaced by another daemon).
-    if std::fs::symlink_metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == identity) {
+    // Remove the socket only if we made it and it is still ours (not replaced by
+    // another daemon).
+    if let Some(identity) = identity
+        && std::fs::symlink_metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == identity)
+    {
         let _ = std::fs::remove_file(path);
     }
     tracing::info!("switchboard stopped");
@@ -134,14 +157,41 @@ fn probe(path: &Path) -> nix::Result<()> {
     connect(fd.as_raw_fd(), &UnixAddr::new(path)?)
 }
 
-/// Raises the soft descriptor limit to the hard limit: every handle is a descriptor.
+/// Sets the descriptor limit (soft and hard) to `limit`, for operators who cap the
+/// daemon (and for tests of running out).
+fn set_nofile_limit(limit: u64) -> std::io::Result<()> {
+    setrlimit(Resource::RLIMIT_NOFILE, limit, limit)
+        .map_err(|e| std::io::Error::other(format!("cannot set RLIMIT_NOFILE to {limit}: {e}")))?;
+    tracing::info!(limit, "RLIMIT_NOFILE");
+    Ok(())
+}
+
+/// Raises the descriptor limit as far as allowed: every handle and every target is a
+/// descriptor. The soft limit goes to the hard one; with the privilege to (root with
+/// CAP_SYS_RESOURCE), the hard limit first goes to the kernel's `fs.nr_open`.
 pub fn raise_nofile_limit() {
-    match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-            Ok(()) => tracing::debug!(from = soft, to = hard, "raised RLIMIT_NOFILE"),
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(limits) => limits,
+        Err(e) => return tracing::warn!("cannot read RLIMIT_NOFILE: {e}"),
+    };
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    if let Some(ceiling) = nr_open.filter(|&n| n > hard) {
+        if setrlimit(Resource::RLIMIT_NOFILE, ceiling, ceiling).is_ok() {
+            return tracing::info!(
+                from = soft,
+                to = ceiling,
+                "raised RLIMIT_NOFILE to fs.nr_open"
+            );
+        }
+    }
+    if soft < hard {
+        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::info!(from = soft, to = hard, "raised RLIMIT_NOFILE"),
             Err(e) => tracing::warn!("cannot raise RLIMIT_NOFILE from {soft} to {hard}: {e}"),
-        },
-        Ok((soft, _)) => tracing::debug!(limit = soft, "RLIMIT_NOFILE"),
-        Err(e) => tracing::warn!("cannot read RLIMIT_NOFILE: {e}"),
+        }
+    } else {
+        tracing::info!(limit = soft, "RLIMIT_NOFILE");
     }
 }

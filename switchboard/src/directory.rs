@@ -6,8 +6,11 @@
 //! per projection in use, a hash index from projected values to targets. A lookup
 //! costs one hash probe per group — O(groups × keys), independent of how many targets
 //! share a key set. Projection indexes are built on first use and then maintained on
-//! every insert and remove; a group has at most 2^keys of them and real lookups touch
-//! few.
+//! every insert and remove. Real lookups touch few projections, but a client could ask
+//! for every subset of a group's keys, each costing a build over the group and upkeep
+//! on every registration. So a group keeps at most [`MAX_COMPOSITE_INDEXES`]
+//! multi-key projections (plus one per single key); a lookup on any other projection
+//! probes the most selective index on a subset of its keys and filters that bucket.
 //!
 //! Buckets are keyed by a keyed (SipHash) hash of the projected values, and candidates
 //! are re-checked, so collisions cost a comparison, never a wrong answer.
@@ -37,6 +40,9 @@ pub enum Lookup {
     /// The two oldest matches.
     Ambiguous(TargetId, TargetId),
 }
+
+/// Multi-key projection indexes a group builds; beyond them lookups filter a bucket.
+pub const MAX_COMPOSITE_INDEXES: usize = 16;
 
 type KeySet = Arc<[String]>;
 /// Indices into a group's key set, ascending.
@@ -178,18 +184,38 @@ impl<T> Directory<T> {
                 f(&mut group.members.iter().copied());
                 continue;
             }
-            if !group.indexes.contains_key(&projection) {
-                let mut index: HashMap<u64, BTreeSet<TargetId>> = HashMap::new();
-                for &id in &group.members {
-                    let hash = project_hash(hasher, keys, &projection, &targets[&id].0.labels);
-                    index.entry(hash).or_default().insert(id);
+            let composites = group.indexes.keys().filter(|p| p.len() > 1).count();
+            let probe = if group.indexes.contains_key(&projection) {
+                projection.clone()
+            } else if projection.len() == 1 || composites < MAX_COMPOSITE_INDEXES {
+                group.build_index(projection.clone(), keys, targets, hasher);
+                projection.clone()
+            } else {
+                // Out of composite indexes: every single key of the projection gets
+                // one (at most one per key, ever), then the smallest bucket among the
+                // indexes on subsets of the projection is filtered.
+                for &i in projection.iter() {
+                    let single: Projection = Box::new([i]);
+                    if !group.indexes.contains_key(&single) {
+                        group.build_index(single, keys, targets, hasher);
+                    }
                 }
-                group.indexes.insert(projection.clone(), index);
-            }
-            let index = &group.indexes[&projection];
-            let hash = project_hash(hasher, keys, &projection, labels);
+                group
+                    .indexes
+                    .iter()
+                    .filter(|(q, _)| q.iter().all(|i| projection.contains(i)))
+                    .min_by_key(|(q, index)| {
+                        let hash = project_hash(hasher, keys, q, labels);
+                        index.get(&hash).map_or(0, BTreeSet::len)
+                    })
+                    .map(|(q, _)| q.clone())
+                    .expect("single-key indexes on the projection exist")
+            };
+            let index = &group.indexes[&probe];
+            let hash = project_hash(hasher, keys, &probe, labels);
             if let Some(bucket) = index.get(&hash) {
-                // Re-check: equal hashes need not mean equal values.
+                // Re-check on the whole projection: equal hashes need not mean equal
+                // values, and the probed index may cover only some of its keys.
                 let mut matches = bucket.iter().copied().filter(|id| {
                     let target = &targets[id].0.labels;
                     projection
@@ -199,6 +225,24 @@ impl<T> Directory<T> {
                 f(&mut matches);
             }
         }
+    }
+}
+
+impl Group {
+    /// Indexes the group's members on `projection`: O(group size), once.
+    fn build_index<T>(
+        &mut self,
+        projection: Projection,
+        keys: &[String],
+        targets: &HashMap<TargetId, (Target<T>, KeySet)>,
+        hasher: &RandomState,
+    ) {
+        let mut index: HashMap<u64, BTreeSet<TargetId>> = HashMap::new();
+        for &id in &self.members {
+            let hash = project_hash(hasher, keys, &projection, &targets[&id].0.labels);
+            index.entry(hash).or_default().insert(id);
+        }
+        self.indexes.insert(projection, index);
     }
 }
 
@@ -276,8 +320,31 @@ mod tests {
 
     #[test]
     fn index_agrees_with_a_scan() {
+        agrees_with_a_scan(&["a", "b", "c", "d"]);
+    }
+
+    /// Seven keys have 120 multi-key subsets: lookups run out of composite indexes
+    /// and must still answer exactly, with the index count bounded.
+    #[test]
+    fn index_agrees_with_a_scan_past_the_index_cap() {
+        let keys = ["a", "b", "c", "d", "e", "f", "g"];
+        let dir = agrees_with_a_scan(&keys);
+        let composites = |g: &Group| g.indexes.keys().filter(|p| p.len() > 1).count();
+        assert!(
+            dir.groups
+                .values()
+                .all(|g| composites(g) <= MAX_COMPOSITE_INDEXES)
+        );
+        assert!(
+            dir.groups
+                .values()
+                .any(|g| composites(g) == MAX_COMPOSITE_INDEXES),
+            "the cap was never reached, so the fallback went untested"
+        );
+    }
+
+    fn agrees_with_a_scan(keys: &[&str]) -> Directory<()> {
         // Deterministic pseudo-random targets over a few keys and values.
-        let keys = ["a", "b", "c", "d"];
         let mut state = 0x2545_f491_4f6c_dd1du64;
         let mut next = move || {
             state ^= state << 13;
@@ -287,7 +354,7 @@ mod tests {
         };
         let random_labels = |next: &mut dyn FnMut() -> u64| -> Labels {
             let mut labels = Labels::new();
-            for k in keys {
+            for &k in keys {
                 if next() % 3 != 0 {
                     labels.insert(k.to_string(), (next() % 3).to_string());
                 }
@@ -315,5 +382,6 @@ mod tests {
                 assert!(dir.remove(victim).is_some());
             }
         }
+        dir
     }
 }

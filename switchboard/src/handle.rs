@@ -3,29 +3,33 @@
 //! A handle is a capability: `rights`, plus `in_labels` forced onto everything it
 //! registers and `out_labels` forced onto everything it connects to or lists. It sits
 //! in a *scope* (a cancellation token): handles derived by Constrain and targets
-//! registered through a handle live in child scopes, so revoking a scope closes every
+//! registered through a handle share its scope, so revoking a scope closes every
 //! channel and removes every target descended from it, without walking anything.
+//! (Only the embedder revokes scopes, one per handle it made, so derived handles need
+//! no token of their own: sharing saves a tree node per handle.)
 
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use flower_proto::fds::{Fds, OutFds};
 use flower_proto::rpc::{Method, Peer, Request, Response, Service, StreamSink};
 use flower_proto::switchboard::{self as sb, Right, rpc};
 use flower_proto::transport::{Channel, stream_pair};
-use flower_proto::{Code, Labels, Status, egress, server};
+use flower_proto::{Code, Labels, Status, egress, resolver, server};
 use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
 use crate::directory::{Lookup, TargetId};
-use crate::labels::{conflicting_keys, key_list, merge_fixed};
+use crate::labels::{FixedLabels, conflicting_keys, derive_fixed, key_list, merge, merge_fixed};
+use crate::resolvers::{Resolver, attempt_order};
 use crate::rights::Rights;
 use crate::{Shared, TargetEntry, TargetKind};
 
 pub(crate) struct Handle {
     pub shared: Arc<Shared>,
     pub rights: Rights,
-    pub in_labels: Labels,
-    pub out_labels: Labels,
+    pub in_labels: FixedLabels,
+    pub out_labels: FixedLabels,
     pub scope: CancellationToken,
 }
 
@@ -42,10 +46,7 @@ impl Service for Handle {
                 rpc::IngressConnect::PATH => self.ingress_connect(request).await,
                 rpc::ServerStart::PATH => self.register(request, TargetKind::Server),
                 rpc::EgressStart::PATH => self.register(request, TargetKind::Egress),
-                rpc::ResolverStart::PATH => {
-                    self.rights.require_one(Right::ResolverStart)?;
-                    Err(Status::unimplemented("Resolvers are not implemented yet"))
-                }
+                rpc::ResolverStart::PATH => self.resolver_start(request),
                 rpc::List::PATH => self.list(request, stream).await,
                 other => Err(Status::unimplemented(format!("Unknown method {other}"))),
             }
@@ -58,16 +59,21 @@ impl Handle {
         let (req, _) = request.decode::<rpc::Constrain>()?;
         let rights = Rights::from_wire(&req.rights)?;
         self.rights.require(rights)?;
-        let in_labels = merge_fixed(&self.in_labels, &req.in_labels, "In")?;
-        let out_labels = merge_fixed(&self.out_labels, &req.out_labels, "Out")?;
-        let (channel, theirs) = Channel::pair()
-            .map_err(|e| Status::resource_exhausted(format!("Cannot create a handle: {e}")))?;
+        let in_labels = derive_fixed(&self.in_labels, &req.in_labels, "In")?;
+        // The tools constrain with in = out: keep sharing one copy then.
+        let out_labels = if self.out_labels == self.in_labels && req.out_labels == req.in_labels {
+            in_labels.clone()
+        } else {
+            derive_fixed(&self.out_labels, &req.out_labels, "Out")?
+        };
+        let (channel, theirs) =
+            Channel::pair().map_err(|e| exhausted("Cannot create a handle", &e))?;
         let child = Handle {
             shared: self.shared.clone(),
             rights,
             in_labels,
             out_labels,
-            scope: self.scope.child_token(),
+            scope: self.scope.clone(),
         };
         child.serve(channel);
         let mut fds = OutFds::new();
@@ -95,30 +101,22 @@ impl Handle {
             TargetKind::Egress => request.decode::<rpc::EgressStart>()?.0.in_labels,
         };
         let labels = merge_fixed(&self.in_labels, &requested, "In")?;
-        let (channel, theirs) = Channel::pair().map_err(|e| {
-            Status::resource_exhausted(format!("Cannot create a registration channel: {e}"))
-        })?;
-        // The registration lives in the handle's scope, not the handle channel's: a
-        // server may close its handle and keep serving; revoking the scope removes it.
-        let peer = Peer::spawn(channel, None, &self.scope);
+        let (peer, theirs) = self.registration_channel()?;
+        let entry = TargetEntry {
+            kind,
+            peer: peer.clone(),
+        };
         let id = self
             .shared
             .directory
             .lock()
             .unwrap()
-            .insert(
-                labels,
-                TargetEntry {
-                    kind,
-                    peer: peer.clone(),
-                },
-            )
+            .insert(labels, entry)
             .map_err(|_| {
                 Status::failed_precondition("Another target with no conflicting labels exists")
             })?;
         let shared = self.shared.clone();
-        tokio::spawn(async move {
-            peer.closed().await;
+        peer.on_close(move || {
             shared.directory.lock().unwrap().remove(id);
             tracing::debug!(id, "target removed");
         });
@@ -135,9 +133,96 @@ impl Handle {
         Ok(response)
     }
 
-    /// Looks up the one target for `out` (request labels merged onto the handle's).
-    fn resolve(&self, requested: &Labels) -> Result<(TargetEntry, Labels), Status> {
+    fn resolver_start(&self, request: Request) -> Result<Response, Status> {
+        self.rights.require_one(Right::ResolverStart)?;
+        let (req, _) = request.decode::<rpc::ResolverStart>()?;
+        let mut keys = req.resolve_labels;
+        if keys.is_empty() {
+            return Err(Status::invalid_argument("Resolve labels must not be empty"));
+        }
+        if keys.iter().any(String::is_empty) {
+            return Err(Status::invalid_argument("Label keys must not be empty"));
+        }
+        keys.sort_unstable();
+        keys.dedup();
+        let in_labels = merge_fixed(&self.in_labels, &req.in_labels, "In")?;
+        let out_labels = merge_fixed(&self.out_labels, &req.out_labels, "Out")?;
+        let (peer, theirs) = self.registration_channel()?;
+        let keys: Arc<[String]> = keys.into();
+        let resolver = Arc::new(Resolver::new(peer.clone(), keys.clone(), out_labels));
+        let id = self
+            .shared
+            .resolvers
+            .lock()
+            .unwrap()
+            .insert(in_labels, resolver)
+            .map_err(|()| {
+                Status::failed_precondition(
+                    "Another resolver with the same resolve labels and no conflicting labels exists",
+                )
+            })?;
+        let shared = self.shared.clone();
+        peer.on_close(move || {
+            shared.resolvers.lock().unwrap().remove(&keys, id);
+            tracing::debug!(id, "resolver removed");
+        });
+        let mut fds = OutFds::new();
+        let response = sb::ResolverStartResponse {
+            resolver: fds.push(theirs),
+        };
+        Ok(Response::new(&response, fds.into_vec()))
+    }
+
+    /// A channel on which the switchboard will call a registrant, and the registrant's
+    /// end. It lives in the handle's scope, not the handle channel's: a server may
+    /// close its handle and keep serving; revoking the scope removes it.
+    fn registration_channel(&self) -> Result<(Peer, OwnedFd), Status> {
+        let (channel, theirs) =
+            Channel::pair().map_err(|e| exhausted("Cannot create a registration channel", &e))?;
+        Ok((Peer::spawn(channel, None, &self.scope), theirs))
+    }
+
+    /// The label sets to try for a connect, in order: the request merged onto the
+    /// handle's out-labels, or, when a resolver applies, its expansions of that.
+    async fn candidates(&self, requested: &Labels) -> Result<Vec<Labels>, Status> {
         let out = merge_fixed(&self.out_labels, requested, "Out")?;
+        let Some(resolver) = self.shared.resolvers.lock().unwrap().find(&out)? else {
+            return Ok(vec![out]);
+        };
+        let request = resolver.project(&out);
+        let targets = match resolver.cached(&request) {
+            Some(targets) => targets,
+            None => {
+                let call = resolver::ResolveRequest {
+                    resolve_labels: request.clone(),
+                };
+                let (reply, _) = self
+                    .call_registrant::<resolver::rpc::Resolve>(
+                        &resolver.peer,
+                        &call,
+                        Vec::new(),
+                        "Resolver",
+                    )
+                    .await?;
+                let targets: Arc<[resolver::Target]> = reply.targets.into();
+                resolver.remember(request, targets.clone(), reply.max_cache_duration_seconds);
+                targets
+            }
+        };
+        // A candidate that contradicts the request (or the resolver's own out-labels)
+        // is skipped: asking for `address_family=inet` filters out inet6 answers.
+        let order = attempt_order(&targets, &mut fastrand::Rng::new());
+        Ok(order
+            .into_iter()
+            .filter_map(|i| {
+                let labels = merge(&out, &targets[i].out_labels).ok()?;
+                merge(&labels, &resolver.out_labels).ok()
+            })
+            .collect())
+    }
+
+    /// Looks up the one target for `out`; returns it with the connection labels.
+    fn lookup(&self, out: Labels) -> Result<(TargetEntry, Labels), Status> {
         let mut directory = self.shared.directory.lock().unwrap();
         let id: TargetId = match directory.lookup(&out) {
             Lookup::NotFound => return Err(Status::not_found("No matching target found")),
@@ -159,12 +244,16 @@ impl Handle {
     async fn client_connect(&self, request: Request) -> Result<Response, Status> {
         self.rights.require_one(Right::ClientConnect)?;
         let (req, _) = request.decode::<rpc::ClientConnect>()?;
-        let (target, labels) = self.resolve(&req.out_labels)?;
+        let candidates = self.candidates(&req.out_labels).await?;
+        first_success(candidates, |out, _| self.client_connect_to(out)).await
+    }
+
+    async fn client_connect_to(&self, out: Labels) -> Result<Response, Status> {
+        let (target, labels) = self.lookup(out)?;
         let socket = match target.kind {
             TargetKind::Server => {
-                let (ours, theirs) = stream_pair().map_err(|e| {
-                    Status::resource_exhausted(format!("Cannot create a connection: {e}"))
-                })?;
+                let (ours, theirs) =
+                    stream_pair().map_err(|e| exhausted("Cannot create a connection", &e))?;
                 self.server_connect(&target.peer, theirs, labels.clone())
                     .await?;
                 ours
@@ -174,7 +263,12 @@ impl Handle {
                     connection_labels: labels.clone(),
                 };
                 let (reply, mut fds) = self
-                    .call_target::<egress::rpc::Connect>(&target.peer, &request, Vec::new())
+                    .call_registrant::<egress::rpc::Connect>(
+                        &target.peer,
+                        &request,
+                        Vec::new(),
+                        "Target",
+                    )
                     .await?;
                 take_target_socket(&mut fds, reply.server)?
             }
@@ -191,30 +285,46 @@ impl Handle {
         self.rights.require_one(Right::IngressConnect)?;
         let (req, mut fds) = request.decode::<rpc::IngressConnect>()?;
         let client = fds.take_socket(req.client, "client")?;
-        let (target, labels) = self.resolve(&req.out_labels)?;
+        let candidates = self.candidates(&req.out_labels).await?;
+        let mut client = Some(client);
+        let labels = first_success(candidates, |out, last| {
+            // Every attempt but the last gets a duplicate, so a refusal leaves us the
+            // socket to offer the next candidate.
+            let socket = match last {
+                true => Ok(client.take().expect("one last attempt")),
+                false => client
+                    .as_ref()
+                    .expect("socket kept")
+                    .try_clone()
+                    .map_err(|e| exhausted("Cannot duplicate the client", &e)),
+            };
+            async move { self.ingress_connect_to(socket?, out).await }
+        })
+        .await?;
+        let response = sb::IngressConnectResponse {
+            connection_labels: labels,
+        };
+        Ok(Response::new(&response, Vec::new()))
+    }
+
+    async fn ingress_connect_to(&self, client: OwnedFd, out: Labels) -> Result<Labels, Status> {
+        let (target, labels) = self.lookup(out)?;
         match target.kind {
             TargetKind::Server => {
                 self.server_connect(&target.peer, client, labels.clone())
-                    .await?
+                    .await?;
+                Ok(labels)
             }
-            TargetKind::Egress => {
-                return Err(Status::failed_precondition(
-                    "Cannot connect an ingress with an egress",
-                ));
-            }
+            TargetKind::Egress => Err(Status::failed_precondition(
+                "Cannot connect an ingress with an egress",
+            )),
         }
-        Ok(Response::new(
-            &sb::IngressConnectResponse {
-                connection_labels: labels,
-            },
-            Vec::new(),
-        ))
     }
 
     async fn server_connect(
         &self,
         server: &Peer,
-        client: std::os::fd::OwnedFd,
+        client: OwnedFd,
         labels: Labels,
     ) -> Result<(), Status> {
         let mut fds = OutFds::new();
@@ -222,26 +332,27 @@ impl Handle {
             client: fds.push(client),
             connection_labels: labels,
         };
-        self.call_target::<server::rpc::Connect>(server, &request, fds.into_vec())
+        self.call_registrant::<server::rpc::Connect>(server, &request, fds.into_vec(), "Target")
             .await
             .map(drop)
     }
 
-    /// A call to a registrant, bounded by the configured timeout.
-    async fn call_target<M: Method>(
+    /// A call to a registrant (`what` names it in errors), bounded by the timeout.
+    async fn call_registrant<M: Method>(
         &self,
         target: &Peer,
         request: &M::Request,
-        fds: Vec<std::os::fd::OwnedFd>,
+        fds: Vec<OwnedFd>,
+        what: &str,
     ) -> Result<(M::Response, Fds), Status> {
         let timeout = self.shared.config.call_timeout;
         match tokio::time::timeout(timeout, target.call::<M>(request, fds)).await {
             Err(_) => Err(Status::deadline_exceeded(format!(
-                "Target did not answer within {timeout:?}"
+                "{what} did not answer within {timeout:?}"
             ))),
-            Ok(Err(status)) if status.code == Code::Unavailable && target.is_closed() => {
-                Err(Status::unavailable("Target went away during the call"))
-            }
+            Ok(Err(status)) if status.code == Code::Unavailable && target.is_closed() => Err(
+                Status::unavailable(format!("{what} went away during the call")),
+            ),
             Ok(result) => result,
         }
     }
@@ -264,11 +375,36 @@ impl Handle {
     }
 }
 
+/// Tries `attempt(candidate, is_last)` on each candidate in order: the first success
+/// is the answer, else the last failure (`NOT_FOUND` when there was no candidate).
+async fn first_success<T, Fut>(
+    candidates: Vec<Labels>,
+    mut attempt: impl FnMut(Labels, bool) -> Fut,
+) -> Result<T, Status>
+where
+    Fut: Future<Output = Result<T, Status>>,
+{
+    let last = candidates.len().saturating_sub(1);
+    let mut failure = None;
+    for (n, out) in candidates.into_iter().enumerate() {
+        match attempt(out, n == last).await {
+            Ok(answer) => return Ok(answer),
+            Err(status) => {
+                tracing::debug!("candidate failed: {status}");
+                failure = Some(status);
+            }
+        }
+    }
+    Err(failure.unwrap_or_else(|| Status::not_found("No matching target found")))
+}
+
+/// `RESOURCE_EXHAUSTED` for a failed socketpair()/dup(), naming the limit if one hit.
+fn exhausted(what: &str, e: &std::io::Error) -> Status {
+    Status::resource_exhausted(format!("{what}: {}", crate::explain_io_error(e)))
+}
+
 /// The socket an egress returned, checked to be a socket before a client gets it.
-fn take_target_socket(
-    fds: &mut Fds,
-    field: Option<flower_proto::Fd>,
-) -> Result<std::os::fd::OwnedFd, Status> {
+fn take_target_socket(fds: &mut Fds, field: Option<flower_proto::Fd>) -> Result<OwnedFd, Status> {
     fds.take_socket(field, "server")
         .map_err(|e| Status::internal(format!("Egress replied badly: {e}")))
 }

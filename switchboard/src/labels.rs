@@ -1,5 +1,7 @@
 //! Label algebra (DESIGN §1).
 
+use std::sync::Arc;
+
 use flower_proto::{Labels, Status};
 
 /// Keys present in both sets with different values, sorted.
@@ -62,15 +64,64 @@ pub fn validate(labels: &Labels) -> Result<(), Status> {
     Ok(())
 }
 
-/// Merges request labels into a handle's fixed ones; `which` is `In` or `Out`.
-pub fn merge_fixed(fixed: &Labels, request: &Labels, which: &str) -> Result<Labels, Status> {
-    validate(request)?;
-    merge(fixed, request).map_err(|keys| {
-        Status::permission_denied(format!(
-            "{which}-labels {} are already defined with different values",
-            key_list(&keys)
+/// A handle's fixed labels (its in- or out-labels), stored compactly: handles carry
+/// few labels and a node may hold 100 000 handles, where a `BTreeMap` starts at a
+/// 544-byte node and this costs one small shared slice. Sorted by key; clones share.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FixedLabels(Option<Arc<[(String, String)]>>);
+
+impl FixedLabels {
+    pub fn new(labels: &Labels) -> FixedLabels {
+        if labels.is_empty() {
+            return FixedLabels(None);
+        }
+        FixedLabels(Some(
+            labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         ))
-    })
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.0
+            .iter()
+            .flat_map(|pairs| pairs.iter().map(|(k, v)| (k, v)))
+    }
+
+    pub fn to_labels(&self) -> Labels {
+        self.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+}
+
+/// Merges request labels into a handle's fixed ones; `which` is `In` or `Out`.
+pub fn merge_fixed(fixed: &FixedLabels, request: &Labels, which: &str) -> Result<Labels, Status> {
+    validate(request)?;
+    // `fixed` is sorted, so the conflicting keys come out sorted.
+    let conflicts: Vec<&str> = fixed
+        .iter()
+        .filter(|(k, v)| request.get(*k).is_some_and(|w| w != *v))
+        .map(|(k, _)| k.as_str())
+        .collect();
+    if !conflicts.is_empty() {
+        return Err(Status::permission_denied(format!(
+            "{which}-labels {} are already defined with different values",
+            key_list(&conflicts)
+        )));
+    }
+    let mut merged = request.clone();
+    merged.extend(fixed.iter().map(|(k, v)| (k.clone(), v.clone())));
+    Ok(merged)
+}
+
+/// The fixed labels of a handle derived by Constrain: shares the parent's when the
+/// request adds none.
+pub fn derive_fixed(
+    fixed: &FixedLabels,
+    request: &Labels,
+    which: &str,
+) -> Result<FixedLabels, Status> {
+    if request.is_empty() {
+        return Ok(fixed.clone());
+    }
+    Ok(FixedLabels::new(&merge_fixed(fixed, request, which)?))
 }
 
 #[cfg(test)]
@@ -108,6 +159,23 @@ mod tests {
             ),
             Err(vec!["dog", "sheep"])
         );
+    }
+
+    #[test]
+    fn fixed_labels_merge_and_report_sorted_conflicts() {
+        let fixed = FixedLabels::new(&l(&[("sheep", "1"), ("dog", "1"), ("x", "1")]));
+        assert_eq!(
+            merge_fixed(&fixed, &l(&[("y", "2"), ("x", "1")]), "In").unwrap(),
+            l(&[("sheep", "1"), ("dog", "1"), ("x", "1"), ("y", "2")])
+        );
+        let err = merge_fixed(&fixed, &l(&[("sheep", "2"), ("dog", "2")]), "Out").unwrap_err();
+        assert_eq!(
+            err.message,
+            r#"Out-labels ["dog","sheep"] are already defined with different values"#
+        );
+        assert_eq!(derive_fixed(&fixed, &Labels::new(), "In").unwrap(), fixed);
+        assert_eq!(fixed.to_labels().len(), 3);
+        assert_eq!(FixedLabels::new(&Labels::new()), FixedLabels::default());
     }
 
     #[test]

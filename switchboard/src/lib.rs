@@ -18,7 +18,9 @@ pub mod daemon;
 pub mod directory;
 mod handle;
 pub mod labels;
+mod resolvers;
 pub mod rights;
+pub mod systemd;
 
 use std::io;
 use std::os::fd::OwnedFd;
@@ -32,12 +34,14 @@ use tokio_util::sync::CancellationToken;
 
 use directory::Directory;
 use handle::Handle;
+use labels::FixedLabels;
 pub use rights::Rights;
 
 /// Tunables of a switchboard.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// How long a registrant may take to answer `Server.Connect` / `Egress.Connect`.
+    /// How long a registrant may take to answer `Server.Connect`, `Egress.Connect` or
+    /// `Resolver.Resolve`.
     pub call_timeout: Duration,
 }
 
@@ -65,7 +69,27 @@ pub(crate) struct TargetEntry {
 pub(crate) struct Shared {
     /// One lock: every critical section is a few hash probes, never an await.
     pub directory: Mutex<Directory<TargetEntry>>,
+    pub resolvers: Mutex<resolvers::Resolvers>,
     pub config: Config,
+}
+
+/// `e`, with what to do about it when it is a descriptor limit.
+pub(crate) fn explain_io_error(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::EMFILE) => {
+            let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+                .map(|(soft, _)| soft.to_string())
+                .unwrap_or_else(|_| "?".into());
+            format!(
+                "{e}: the switchboard has reached its descriptor limit (RLIMIT_NOFILE {limit}); \
+                 raise the hard limit (e.g. LimitNOFILE= or ulimit -Hn) and restart it"
+            )
+        }
+        Some(libc::ENFILE) => {
+            format!("{e}: the system-wide descriptor limit (fs.file-max) is reached")
+        }
+        _ => e.to_string(),
+    }
 }
 
 /// A running switchboard (cheap to clone).
@@ -94,30 +118,40 @@ impl Switchboard {
         Switchboard {
             shared: Arc::new(Shared {
                 directory: Mutex::new(Directory::new()),
+                resolvers: Mutex::default(),
                 config,
             }),
             root: CancellationToken::new(),
         }
     }
 
-    /// Serves `channel` as a handle with the given rights and fixed labels.
+    /// Serves `channel` as a handle with the given rights and fixed labels. Labels
+    /// with an empty key are refused (`InvalidInput`), as they are on the wire.
     pub fn serve_handle(
         &self,
         channel: Channel,
         rights: Rights,
         in_labels: &Labels,
         out_labels: &Labels,
-    ) -> Scope {
+    ) -> io::Result<Scope> {
+        for labels in [in_labels, out_labels] {
+            labels::validate(labels)
+                .map_err(|status| io::Error::new(io::ErrorKind::InvalidInput, status.message))?;
+        }
         let token = self.root.child_token();
+        let fixed_in = FixedLabels::new(in_labels);
         let handle = Handle {
             shared: self.shared.clone(),
             rights,
-            in_labels: in_labels.clone(),
-            out_labels: out_labels.clone(),
+            out_labels: match out_labels == in_labels {
+                true => fixed_in.clone(),
+                false => FixedLabels::new(out_labels),
+            },
+            in_labels: fixed_in,
             scope: token.clone(),
         };
         handle.serve(channel);
-        Scope { token }
+        Ok(Scope { token })
     }
 
     /// Creates a handle and returns the descriptor to pass to its user.
@@ -128,10 +162,8 @@ impl Switchboard {
         out_labels: &Labels,
     ) -> io::Result<(OwnedFd, Scope)> {
         let (channel, theirs) = Channel::pair()?;
-        Ok((
-            theirs,
-            self.serve_handle(channel, rights, in_labels, out_labels),
-        ))
+        let scope = self.serve_handle(channel, rights, in_labels, out_labels)?;
+        Ok((theirs, scope))
     }
 
     /// Number of registered targets.
@@ -144,18 +176,23 @@ impl Switchboard {
     pub async fn serve(&self, listener: Listener, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         let none = Labels::new();
+        // Every call to a registrant arms a timeout. When that timer is the earliest
+        // the runtime has, arming it wakes the reactor (an eventfd write: one syscall
+        // per connect). A timer that is always due sooner prevents that, at the cost
+        // of one wake-up a second.
+        let mut keeper = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
+                _ = keeper.tick() => {}
                 accepted = listener.accept() => match accepted {
                     Ok(channel) => {
-                        self.serve_handle(channel, Rights::ALL, &none, &none);
+                        // No labels: nothing to refuse.
+                        let _ = self.serve_handle(channel, Rights::ALL, &none, &none);
                     }
                     Err(e) => {
                         // EMFILE/ENFILE and friends: say so, and do not spin.
-                        tracing::error!("accept failed: {e}{}", if e.raw_os_error() == Some(libc::EMFILE) {
-                            " (descriptor limit reached: raise RLIMIT_NOFILE)"
-                        } else { "" });
+                        tracing::error!("accept failed: {}", explain_io_error(&e));
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 },

@@ -1,0 +1,231 @@
+//! Resolvers: registrants that expand one label set into weighted candidate label
+//! sets before the directory is consulted (DNS names into addresses, later load
+//! balancing). The rules are documented in docs/PROTOCOL.md, "Resolvers".
+//!
+//! * A resolver registers a non-empty set of *resolve keys*, `in_labels` and
+//!   `out_labels`. It *applies* to a connect whose labels carry every resolve key and
+//!   do not contradict its `in_labels`.
+//! * At most one resolver applies; two is a `FAILED_PRECONDITION`, like two targets.
+//! * Its answer is cached per projected request for `max_cache_duration_seconds`
+//!   (capped at [`MAX_CACHE`]); the cache goes with the resolver.
+//! * Candidates are tried in a weighted random order (positive weights), then the
+//!   zero-weight ones in the order given; the first that connects wins.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use flower_proto::Labels;
+use flower_proto::resolver::Target;
+use flower_proto::rpc::Peer;
+
+use crate::directory::{Directory, Lookup, TargetId};
+use crate::labels::{conflicting_keys, key_list};
+use flower_proto::Status;
+
+/// Longest a resolver's answer is reused, whatever it asks for.
+pub const MAX_CACHE: Duration = Duration::from_secs(3600);
+/// Answers cached per resolver; beyond this, expired ones are dropped, then all.
+const CACHE_ENTRIES: usize = 4096;
+/// Candidates tried per connect: each attempt may take a whole call timeout.
+pub const MAX_ATTEMPTS: usize = 16;
+
+/// A registered resolver.
+pub(crate) struct Resolver {
+    pub peer: Peer,
+    /// Sorted, distinct.
+    pub keys: Arc<[String]>,
+    /// Forced onto every candidate (the registering handle's and the request's).
+    pub out_labels: Labels,
+    cache: Mutex<HashMap<Labels, Answer>>,
+}
+
+/// A cached answer and when it expires.
+type Answer = (Arc<[Target]>, Instant);
+
+impl Resolver {
+    pub fn new(peer: Peer, keys: Arc<[String]>, out_labels: Labels) -> Resolver {
+        Resolver {
+            peer,
+            keys,
+            out_labels,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The labels a resolve request carries: `labels` restricted to the resolve keys.
+    pub fn project(&self, labels: &Labels) -> Labels {
+        self.keys
+            .iter()
+            .filter_map(|k| labels.get_key_value(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    pub fn cached(&self, request: &Labels) -> Option<Arc<[Target]>> {
+        let cache = self.cache.lock().unwrap();
+        let (targets, expiry) = cache.get(request)?;
+        (Instant::now() < *expiry).then(|| targets.clone())
+    }
+
+    pub fn remember(&self, request: Labels, targets: Arc<[Target]>, seconds: u32) {
+        let lifetime = Duration::from_secs(seconds.into()).min(MAX_CACHE);
+        if lifetime.is_zero() {
+            return;
+        }
+        let now = Instant::now();
+        let mut cache = self.cache.lock().unwrap();
+        if cache.len() >= CACHE_ENTRIES {
+            cache.retain(|_, (_, expiry)| now < *expiry);
+            if cache.len() >= CACHE_ENTRIES {
+                cache.clear();
+            }
+        }
+        cache.insert(request, (targets, now + lifetime));
+    }
+}
+
+/// Registered resolvers, grouped by resolve key set. Each group is a directory over
+/// the resolvers' `in_labels`, so finding the one that applies is a probe per key
+/// set (there are typically none or one), not a scan of resolvers.
+#[derive(Default)]
+pub(crate) struct Resolvers {
+    groups: BTreeMap<Arc<[String]>, Directory<Arc<Resolver>>>,
+}
+
+impl Resolvers {
+    /// Registers `resolver`; refused when another one with the same keys would apply
+    /// to the same connects.
+    pub fn insert(&mut self, in_labels: Labels, resolver: Arc<Resolver>) -> Result<TargetId, ()> {
+        self.groups
+            .entry(resolver.keys.clone())
+            .or_default()
+            .insert(in_labels, resolver)
+            .map_err(drop)
+    }
+
+    pub fn remove(&mut self, keys: &Arc<[String]>, id: TargetId) {
+        if let Some(group) = self.groups.get_mut(keys) {
+            group.remove(id);
+            if group.is_empty() {
+                self.groups.remove(keys);
+            }
+        }
+    }
+
+    /// The one resolver that applies to `labels`, if any.
+    pub fn find(&mut self, labels: &Labels) -> Result<Option<Arc<Resolver>>, Status> {
+        let mut found: Option<Arc<Resolver>> = None;
+        for (keys, group) in &mut self.groups {
+            if !keys.iter().all(|k| labels.contains_key(k)) {
+                continue;
+            }
+            let resolver = match group.lookup(labels) {
+                Lookup::NotFound => continue,
+                Lookup::Found(id) => group.get(id).unwrap().value.clone(),
+                Lookup::Ambiguous(a, b) => {
+                    let (a, b) = (group.get(a).unwrap(), group.get(b).unwrap());
+                    return Err(Status::failed_precondition(format!(
+                        "Labels match multiple resolvers, which can be resolved by adding one of the labels {}",
+                        key_list(&conflicting_keys(&a.labels, &b.labels))
+                    )));
+                }
+            };
+            if let Some(other) = &found {
+                return Err(Status::failed_precondition(format!(
+                    "Labels match multiple resolvers, with keys {} and {}",
+                    key_list(&other.keys),
+                    key_list(&resolver.keys)
+                )));
+            }
+            found = Some(resolver);
+        }
+        Ok(found)
+    }
+}
+
+/// The order in which to try `targets`: positive weights in a weighted random order
+/// (each pick proportional to weight among those left), then zero weights as listed.
+/// At most [`MAX_ATTEMPTS`] entries.
+pub fn attempt_order(targets: &[Target], rng: &mut fastrand::Rng) -> Vec<usize> {
+    let mut weighted: Vec<usize> = (0..targets.len())
+        .filter(|&i| targets[i].weight > 0)
+        .collect();
+    let mut order = Vec::with_capacity(targets.len().min(MAX_ATTEMPTS));
+    let mut total: u64 = weighted.iter().map(|&i| u64::from(targets[i].weight)).sum();
+    while !weighted.is_empty() && order.len() < MAX_ATTEMPTS {
+        let mut ticket = rng.u64(0..total);
+        let pos = weighted
+            .iter()
+            .position(|&i| {
+                let w = u64::from(targets[i].weight);
+                if ticket < w {
+                    true
+                } else {
+                    ticket -= w;
+                    false
+                }
+            })
+            .expect("ticket below total weight");
+        let i = weighted.remove(pos);
+        total -= u64::from(targets[i].weight);
+        order.push(i);
+    }
+    order.extend(
+        (0..targets.len())
+            .filter(|&i| targets[i].weight == 0)
+            .take(MAX_ATTEMPTS - order.len()),
+    );
+    order
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(weight: u32) -> Target {
+        Target {
+            out_labels: Labels::new(),
+            weight,
+        }
+    }
+
+    #[test]
+    fn zero_weights_come_last_in_listed_order() {
+        let targets = [target(0), target(5), target(0), target(1)];
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..100 {
+            let order = attempt_order(&targets, &mut rng);
+            assert_eq!(order.len(), 4);
+            assert_eq!(&order[2..], &[0, 2]);
+        }
+    }
+
+    #[test]
+    fn picks_first_in_proportion_to_weight() {
+        let targets = [target(1), target(3)];
+        let mut rng = fastrand::Rng::with_seed(1);
+        let runs = 40_000;
+        let heavy_first = (0..runs)
+            .filter(|_| attempt_order(&targets, &mut rng)[0] == 1)
+            .count();
+        let share = heavy_first as f64 / runs as f64;
+        assert!((0.72..0.78).contains(&share), "share {share}");
+    }
+
+    #[test]
+    fn caps_attempts() {
+        let targets: Vec<Target> = (0..40).map(|i| target(i % 2)).collect();
+        let order = attempt_order(&targets, &mut fastrand::Rng::with_seed(3));
+        assert_eq!(order.len(), MAX_ATTEMPTS);
+        assert!(order.iter().all(|&i| targets[i].weight == 1));
+    }
+
+    #[test]
+    fn huge_weights_do_not_overflow() {
+        let targets = [target(u32::MAX), target(u32::MAX), target(u32::MAX)];
+        let mut order = attempt_order(&targets, &mut fastrand::Rng::with_seed(9));
+        order.sort();
+        assert_eq!(order, [0, 1, 2]);
+    }
+}
