@@ -10,15 +10,23 @@
 //!
 //! Unix paths are refused unless the operator allowed their prefix: otherwise a label
 //! could name the switchboard's own socket and turn into a full-rights handle.
+//!
+//! [`resolve`] is the DNS half: `flower egress resolve` turns host names into the
+//! numeric labels above.
+
+mod resolve;
+pub use resolve::{ResolveOptions, resolve};
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
 use flower_proto::client::Switchboard;
 use flower_proto::switchboard::Right;
+use flower_proto::transport::blocking;
 use flower_proto::{Labels, Status};
 
 #[derive(Debug, Clone)]
@@ -40,25 +48,64 @@ impl Default for Options {
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
-/// Registers and serves forever, re-registering whenever the switchboard comes back.
+/// Registers an egress and serves forever, re-registering whenever the switchboard
+/// comes back.
 pub async fn connect(path: &Path, labels: &Labels, options: Options) -> Result<()> {
     let mut options = options;
     for prefix in &mut options.allowed_unix_prefixes {
         *prefix = std::fs::canonicalize(&*prefix)
             .map_err(|e| anyhow::anyhow!("allowed Unix prefix {}: {e}", prefix.display()))?;
     }
-    let options = std::sync::Arc::new(options);
+    let options = Arc::new(options);
+    keep_registered(
+        path,
+        Right::EgressStart,
+        labels,
+        |handle| async move { Ok(handle.egress_start(&Labels::new()).await?) },
+        |mut egress| {
+            let options = options.clone();
+            async move {
+                tracing::info!("egress registered");
+                while let Some(request) = egress.next().await {
+                    let options = options.clone();
+                    tokio::spawn(async move {
+                        let result = dial(&request.labels, &options).await;
+                        if let Err(e) = &result {
+                            tracing::info!(labels = ?request.labels, "connect failed: {e}");
+                        }
+                        request.respond(result);
+                    });
+                }
+            }
+        },
+    )
+    .await
+}
+
+/// Connects to `path` with a handle constrained to `right` and in = out = `labels`,
+/// makes a registration with `register` and runs `serve` on it until the switchboard
+/// closes it; then does it all again, with backoff, for as long as it takes. At
+/// start-up a missing switchboard or a refused registration is an error instead.
+pub(crate) async fn keep_registered<R, Reg, Serve>(
+    path: &Path,
+    right: Right,
+    labels: &Labels,
+    register: impl Fn(Switchboard) -> Reg,
+    mut serve: impl FnMut(R) -> Serve,
+) -> Result<()>
+where
+    Reg: Future<Output = Result<R>>,
+    Serve: Future<Output = ()>,
+{
     let mut first = true;
     let mut delay = BACKOFF_MIN;
     loop {
-        let registered = async {
-            let handle = Switchboard::connect_as(path, &[Right::EgressStart], labels).await?;
-            anyhow::Ok(handle.egress_start(&Labels::new()).await?)
-        }
-        .await;
-        let mut egress = match registered {
-            Ok(egress) => egress,
-            // At start-up a missing switchboard or a refused registration is an error.
+        let registered = match Switchboard::connect_as(path, &[right], labels).await {
+            Ok(handle) => register(handle).await,
+            Err(e) => Err(e.into()),
+        };
+        let registration = match registered {
+            Ok(registration) => registration,
             Err(e) if first => return Err(e),
             Err(e) => {
                 tracing::debug!("cannot register yet, retrying in {delay:?}: {e:#}");
@@ -69,18 +116,8 @@ pub async fn connect(path: &Path, labels: &Labels, options: Options) -> Result<(
         };
         first = false;
         delay = BACKOFF_MIN;
-        tracing::info!(path = %path.display(), "egress registered");
-        while let Some(request) = egress.next().await {
-            let options = options.clone();
-            tokio::spawn(async move {
-                let result = dial(&request.labels, &options).await;
-                if let Err(e) = &result {
-                    tracing::info!(labels = ?request.labels, "connect failed: {e}");
-                }
-                request.respond(result);
-            });
-        }
-        tracing::warn!("switchboard closed the registration; re-registering");
+        serve(registration).await;
+        tracing::warn!(path = %path.display(), "switchboard closed the registration; re-registering");
     }
 }
 
@@ -127,10 +164,10 @@ pub async fn dial(labels: &Labels, options: &Options) -> Result<OwnedFd, Status>
                     }
                     Ok(Ok(stream)) => stream,
                 };
-            Ok(stream
+            stream
                 .into_std()
-                .map_err(|e| Status::internal(e.to_string()))?
-                .into())
+                .and_then(|s| blocking(s.into()))
+                .map_err(|e| Status::internal(format!("Cannot hand over the connection: {e}")))
         }
         "unix" => {
             let path = Path::new(label(labels, "server_path")?);
@@ -164,10 +201,10 @@ pub async fn dial(labels: &Labels, options: &Options) -> Result<OwnedFd, Status>
                     }
                     Ok(Ok(stream)) => stream,
                 };
-            Ok(stream
+            stream
                 .into_std()
-                .map_err(|e| Status::internal(e.to_string()))?
-                .into())
+                .and_then(|s| blocking(s.into()))
+                .map_err(|e| Status::internal(format!("Cannot hand over the connection: {e}")))
         }
         other => Err(Status::invalid_argument(format!(
             "Label address_family {other:?} is not one of \"inet\", \"inet6\", \"unix\""

@@ -18,6 +18,9 @@ use flower_proto::client::Switchboard;
 use flower_proto::switchboard::Right;
 use tokio::sync::Mutex;
 
+mod acceptor;
+use acceptor::Acceptor;
+
 /// Where to accept: `IPv4:port`, `[IPv6]:port`, or a Unix socket path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Address {
@@ -95,39 +98,34 @@ pub async fn accept(address: &Address, path: &Path, labels: &Labels) -> Result<(
     switchboard.get(Duration::ZERO).await?;
     match address {
         Address::Tcp(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
+            let listener = std::net::TcpListener::bind(addr)
                 .with_context(|| format!("cannot listen on {addr}"))?;
             let local = listener.local_addr()?;
+            let acceptor = Acceptor::new(listener.into())?;
             tracing::info!(address = %local, "ingress listening");
             loop {
-                let (stream, peer) = match listener.accept().await {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        accept_failed(e).await;
-                        continue;
+                match acceptor.accept().await {
+                    Ok((socket, Some(peer))) => {
+                        push(switchboard.clone(), socket, tcp_labels(&peer, &local))
                     }
-                };
-                let labels = tcp_labels(&peer, &local);
-                push(switchboard.clone(), stream.into_std()?.into(), labels);
+                    Ok((_, None)) => tracing::warn!("accepted a connection with no IP address"),
+                    Err(e) => accept_failed(e).await,
+                }
             }
         }
         Address::Unix(socket_path) => {
-            let listener = tokio::net::UnixListener::bind(socket_path)
+            let listener = std::os::unix::net::UnixListener::bind(socket_path)
                 .with_context(|| format!("cannot listen on {}", socket_path.display()))?;
+            let acceptor = Acceptor::new(listener.into())?;
             tracing::info!(path = %socket_path.display(), "ingress listening");
+            let mut labels = Labels::new();
+            labels.insert("address_family".into(), "unix".into());
+            labels.insert("server_path".into(), socket_path.display().to_string());
             loop {
-                let stream = match listener.accept().await {
-                    Ok((stream, _)) => stream,
-                    Err(e) => {
-                        accept_failed(e).await;
-                        continue;
-                    }
-                };
-                let mut labels = Labels::new();
-                labels.insert("address_family".into(), "unix".into());
-                labels.insert("server_path".into(), socket_path.display().to_string());
-                push(switchboard.clone(), stream.into_std()?.into(), labels);
+                match acceptor.accept().await {
+                    Ok((socket, _)) => push(switchboard.clone(), socket, labels.clone()),
+                    Err(e) => accept_failed(e).await,
+                }
             }
         }
     }
