@@ -30,7 +30,9 @@ enum Command {
     ///
     /// Replaces a stale socket file left by a dead daemon; refuses to take over a
     /// live one. SIGTERM or SIGINT removes the socket file and exits 0.
-    /// Logs go to stderr, filtered by RUST_LOG (default: info).
+    /// Logs go to stderr, filtered by RUST_LOG (default: info). Under systemd,
+    /// Type=notify and socket activation (ListenSequentialPacket=) are supported;
+    /// see examples/systemd.
     Switchboard {
         /// Socket path to listen on.
         path: Option<PathBuf>,
@@ -40,12 +42,23 @@ enum Command {
         /// Group to own the socket file (name or number), e.g. with --mode 0660.
         #[arg(long)]
         group: Option<String>,
-        /// Seconds a registered server or egress may take to accept a connection.
+        /// Seconds a registered server, egress or resolver may take to answer.
         #[arg(long, default_value_t = 10.0)]
         call_timeout: f64,
         /// Log as JSON lines.
         #[arg(long)]
         log_json: bool,
+        /// Descriptor limit (each handle and target holds one). Default: raise the
+        /// soft limit to the hard one, and the hard one to fs.nr_open if permitted.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(16..))]
+        nofile: Option<u64>,
+        /// Worker threads. 1 (the default) serves everything on one thread, with
+        /// no cross-thread wake-ups: on 2 CPUs with 1 to 8 clients it measured a
+        /// little faster on average than a pool (BENCHMARKS.md). More spreads
+        /// handles over a pool, for many busy clients on many CPUs.
+        #[arg(long, value_name = "N", default_value_t = 1,
+              value_parser = clap::value_parser!(u16).range(1..))]
+        threads: u16,
     },
     /// Connect to the target matching LABELS and relay stdin/stdout, like nc.
     ///
@@ -112,6 +125,30 @@ enum EgressCommand {
         #[arg(required = true, value_name = "[PATH] LABELS")]
         args: Vec<String>,
     },
+    /// Register as a resolver that turns host names into addresses for egress.
+    ///
+    /// Connects that carry server_hostname and server_service (and do not
+    /// contradict LABELS) are expanded into one candidate per address, with
+    /// address_family, server_address and server_port; LABELS are added to each, so
+    /// they reach the egress registered under the same LABELS. The switchboard tries
+    /// the candidates in random order until one connects. Names come from the
+    /// hosts file, then localhost, then DNS (/etc/resolv.conf); answers are cached
+    /// for the records' TTL (hosts-file answers for 10 s). Services are port numbers
+    /// or names from /etc/services.
+    ///
+    /// Example: flower egress resolve net=out & flower egress connect net=out &
+    ///          flower cat server_hostname=localhost server_service=8080
+    Resolve {
+        /// Hosts file consulted before DNS.
+        #[arg(long, default_value = "/etc/hosts", value_name = "FILE")]
+        hosts_file: PathBuf,
+        /// Answer only from numeric names, the hosts file and localhost.
+        #[arg(long)]
+        no_dns: bool,
+        /// [PATH] LABELS...
+        #[arg(required = true, value_name = "[PATH] LABELS")]
+        args: Vec<String>,
+    },
 }
 
 fn parse_address(s: &str) -> Result<flower_ingress::Address, String> {
@@ -152,6 +189,8 @@ async fn run(command: Command) -> Result<()> {
             group,
             call_timeout,
             log_json,
+            nofile,
+            threads: _,
         } => {
             init_logging(log_json);
             let path = match path {
@@ -164,6 +203,7 @@ async fn run(command: Command) -> Result<()> {
                 path,
                 mode,
                 group,
+                nofile,
                 config,
             })
             .await?;
@@ -191,6 +231,20 @@ async fn run(command: Command) -> Result<()> {
             };
             flower_egress::connect(&path, &labels, options).await?;
         }
+        Command::Egress(EgressCommand::Resolve {
+            hosts_file,
+            no_dns,
+            args,
+        }) => {
+            init_logging(false);
+            let (path, labels) = path_and_labels(&args)?;
+            let options = flower_egress::ResolveOptions {
+                hosts_file,
+                dns: !no_dns,
+                ..Default::default()
+            };
+            flower_egress::resolve(&path, &labels, options).await?;
+        }
         Command::Ls { args } => {
             init_logging(false);
             let (path, labels) = path_and_labels(&args)?;
@@ -202,10 +256,21 @@ async fn run(command: Command) -> Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let threads = match &cli.command {
+        Command::Switchboard { threads, .. } => Some(*threads),
+        _ => None,
+    };
+    // One thread unless the switchboard is asked for a pool: the tools' work per
+    // connection is a few syscalls, and a pool only adds cross-thread wake-ups.
+    let mut builder = match threads {
+        Some(n) if n > 1 => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(n.into());
+            builder
+        }
+        _ => tokio::runtime::Builder::new_current_thread(),
+    };
+    let runtime = builder.enable_all().build().expect("tokio runtime");
     let result = runtime.block_on(run(cli.command));
     let code = match result {
         Ok(()) => ExitCode::SUCCESS,
