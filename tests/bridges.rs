@@ -51,10 +51,11 @@ fn ingress(address: &str, path: &std::path::Path, labels: &str) -> (Tool, String
     (Tool(child), bound.unwrap_or_default().to_owned())
 }
 
-fn egress(path: &std::path::Path, labels: &str, extra: &[&str]) -> Tool {
+/// `flower egress SUBCOMMAND EXTRA... PATH LABELS`, killed on drop.
+fn egress_tool(subcommand: &str, path: &std::path::Path, labels: &str, extra: &[&str]) -> Tool {
     Tool(
         Command::new(FLOWER)
-            .args(["egress", "connect"])
+            .args(["egress", subcommand])
             .args(extra)
             .arg(path)
             .arg(labels)
@@ -62,6 +63,53 @@ fn egress(path: &std::path::Path, labels: &str, extra: &[&str]) -> Tool {
             .spawn()
             .unwrap(),
     )
+}
+
+fn egress(path: &std::path::Path, labels: &str, extra: &[&str]) -> Tool {
+    egress_tool("connect", path, labels, extra)
+}
+
+/// The DNS resolver; hosts file and DNS as `extra` says.
+fn resolver(path: &std::path::Path, labels: &str, extra: &[&str]) -> Tool {
+    egress_tool("resolve", path, labels, extra)
+}
+
+/// Connects by host name until the resolver has registered (it starts concurrently).
+async fn connect_by_name(sb: &Switchboard, name: &Labels) -> flower_proto::client::Connection {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        match sb.client_connect(name).await {
+            Ok(conn) => return conn,
+            Err(e) if std::time::Instant::now() > deadline => panic!("never connected: {e}"),
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+        }
+    }
+}
+
+/// Labels naming a host and service, for the resolver.
+fn by_name(host: &str, service: &str) -> Labels {
+    labels(&[("server_hostname", host), ("server_service", service)])
+}
+
+/// Labels asking the `net=out` egress for TCP to 127.0.0.1:`port`.
+fn to_loopback(port: &str) -> Labels {
+    labels(&[
+        ("net", "out"),
+        ("address_family", "inet"),
+        ("server_address", "127.0.0.1"),
+        ("server_port", port),
+    ])
+}
+
+/// Handed-out connections are in blocking mode, like socketpairs: a plain blocking
+/// `read` must work on them.
+fn assert_blocking(fd: &std::os::fd::OwnedFd) {
+    let flags = nix::fcntl::fcntl(
+        std::os::fd::AsRawFd::as_raw_fd(fd),
+        nix::fcntl::FcntlArg::F_GETFL,
+    )
+    .unwrap();
+    assert_eq!(flags & libc::O_NONBLOCK, 0, "socket is non-blocking");
 }
 
 fn unix(fd: std::os::fd::OwnedFd) -> std::os::unix::net::UnixStream {
@@ -112,6 +160,7 @@ async fn ingress_forwards_tcp_with_address_labels() {
         );
         assert_eq!(l["server_address"], bound_addr.ip().to_string());
         assert_eq!(l["server_port"], bound_addr.port().to_string());
+        assert_blocking(&incoming.socket);
         exchange(&mut outside, &mut unix(incoming.socket));
     }
 }
@@ -155,13 +204,9 @@ async fn egress_connects_tcp_and_reports_errors() {
 
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port().to_string();
-    let want = labels(&[
-        ("net", "out"),
-        ("address_family", "inet"),
-        ("server_address", "127.0.0.1"),
-        ("server_port", &port),
-    ]);
+    let want = to_loopback(&port);
     let conn = root.client_connect(&want).await.unwrap();
+    assert_blocking(&conn.socket);
     let (mut far, _) = listener.accept().unwrap();
     far.set_read_timeout(Some(PATIENCE)).unwrap();
     exchange(&mut unix(conn.socket), &mut far);
@@ -175,12 +220,7 @@ async fn egress_connects_tcp_and_reports_errors() {
             .port()
             .to_string()
     };
-    let refused = labels(&[
-        ("net", "out"),
-        ("address_family", "inet"),
-        ("server_address", "127.0.0.1"),
-        ("server_port", &closed_port),
-    ]);
+    let refused = to_loopback(&closed_port);
     let err = root.client_connect(&refused).await.unwrap_err();
     assert_eq!(err.code, Code::Unavailable);
     assert!(
@@ -280,9 +320,16 @@ async fn ingress_and_egress_survive_a_switchboard_restart() {
         r#"{"app":"web","net":"local"}"#,
     );
     let egress_tool = egress(&daemon.path, "net=out", &[]);
+    let resolver_tool = resolver(&daemon.path, "net=out", &["--no-dns"]);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port().to_string();
     {
+        // Both must have registered once: a tool that never reached the
+        // switchboard exits rather than retrying.
         let root = daemon.connect().await;
         wait_listed(&root, &labels(&[("net", "out")])).await;
+        drop(connect_by_name(&root, &by_name("localhost", &port)).await);
+        drop(listener.accept().unwrap());
     }
     assert!(daemon.terminate().success());
 
@@ -313,21 +360,17 @@ async fn ingress_and_egress_survive_a_switchboard_restart() {
         .unwrap();
     exchange(&mut outside, &mut unix(incoming.socket));
 
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port().to_string();
-    let conn = root
-        .client_connect(&labels(&[
-            ("net", "out"),
-            ("address_family", "inet"),
-            ("server_address", "127.0.0.1"),
-            ("server_port", &port),
-        ]))
-        .await
-        .unwrap();
+    let conn = root.client_connect(&to_loopback(&port)).await.unwrap();
     let (mut far, _) = listener.accept().unwrap();
     far.set_read_timeout(Some(PATIENCE)).unwrap();
     exchange(&mut unix(conn.socket), &mut far);
-    drop((ingress_tool, egress_tool));
+
+    // The resolver re-registered too.
+    let conn = connect_by_name(&root, &by_name("localhost", &port)).await;
+    let (mut far, _) = listener.accept().unwrap();
+    far.set_read_timeout(Some(PATIENCE)).unwrap();
+    exchange(&mut unix(conn.socket), &mut far);
+    drop((ingress_tool, egress_tool, resolver_tool));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -347,12 +390,7 @@ async fn two_thousand_forwarded_connections_leak_nothing() {
     wait_listed(&root, &labels(&[("net", "out")])).await;
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port().to_string();
-    let out = labels(&[
-        ("net", "out"),
-        ("address_family", "inet"),
-        ("server_address", "127.0.0.1"),
-        ("server_port", &port),
-    ]);
+    let out = to_loopback(&port);
 
     let one_each = async |server: &mut flower_proto::client::Server| {
         let mut outside = tcp(&bound);
@@ -382,4 +420,102 @@ async fn two_thousand_forwarded_connections_leak_nothing() {
     wait_until("egress descriptors to settle", || {
         fd_count(egress_tool.0.id()) <= base.2
     });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cat_reaches_localhost_by_name_through_resolver_and_egress() {
+    let daemon = Daemon::start();
+    let root = daemon.connect().await;
+    let _egress = egress(&daemon.path, "net=out", &[]);
+    let _resolver = resolver(&daemon.path, "net=out", &["--no-dns"]);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port().to_string();
+    let name = by_name("localhost", &port);
+
+    // The library sees what the name resolved to.
+    let conn = connect_by_name(&root, &name).await;
+    assert_eq!(conn.labels["server_address"], "127.0.0.1");
+    assert_eq!(conn.labels["server_port"], port);
+    assert_eq!(conn.labels["net"], "out");
+    let (mut far, _) = listener.accept().unwrap();
+    far.set_read_timeout(Some(PATIENCE)).unwrap();
+    exchange(&mut unix(conn.socket), &mut far);
+
+    // And so does `flower cat`, with the exact form from the docs.
+    let mut cat = Command::new(FLOWER)
+        .arg("cat")
+        .arg(&daemon.path)
+        .arg(format!(
+            r#"{{"server_hostname":"localhost","server_service":"{port}"}}"#
+        ))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    cat.stdin.take().unwrap().write_all(b"ping").unwrap();
+    let (mut far, _) = listener.accept().unwrap();
+    far.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut got = [0; 4];
+    far.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"ping");
+    far.write_all(b"pong").unwrap();
+    drop(far);
+    let mut out = Vec::new();
+    cat.stdout.take().unwrap().read_to_end(&mut out).unwrap();
+    assert_eq!(out, b"pong");
+    assert!(wait_child(&mut cat).success());
+
+    // Unknown names and services are clear errors.
+    let err = root
+        .client_connect(&by_name("nowhere.invalid", "80"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, Code::NotFound);
+    assert!(
+        err.message.starts_with("Cannot resolve nowhere.invalid"),
+        "{err}"
+    );
+    let err = root
+        .client_connect(&by_name("localhost", "no-such-service"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code, Code::InvalidArgument);
+    assert!(err.message.contains("no-such-service"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_whose_first_address_refuses_still_connects() {
+    let daemon = Daemon::start();
+    let root = daemon.connect().await;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port().to_string();
+    // Nothing listens on 127.0.0.2 (or on ::1) at that port: those refuse.
+    let hosts = daemon.dir.path().join("hosts");
+    std::fs::write(
+        &hosts,
+        "127.0.0.2 twohomes\n::1 twohomes\n127.0.0.1 twohomes\n",
+    )
+    .unwrap();
+    let _egress = egress(&daemon.path, "net=out", &[]);
+    let _resolver = resolver(
+        &daemon.path,
+        "net=out",
+        &["--no-dns", "--hosts-file", hosts.to_str().unwrap()],
+    );
+    let name = by_name("twohomes", &port);
+    connect_by_name(&root, &name).await;
+    // Candidates are tried in random order, so over 30 connects the refusing
+    // addresses come first most times; every connect must still succeed.
+    for _ in 0..30 {
+        let conn = root.client_connect(&name).await.unwrap();
+        assert_eq!(conn.labels["server_address"], "127.0.0.1");
+    }
+    let mut accepted = 0;
+    while listener.accept().is_ok() {
+        accepted += 1;
+    }
+    assert_eq!(accepted, 31);
 }

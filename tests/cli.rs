@@ -36,7 +36,13 @@ fn listed(daemon: &Daemon) -> Vec<String> {
 
 #[test]
 fn cat_listen_and_cat_connect_exchange_both_ways() {
-    let daemon = Daemon::start();
+    // On one thread (the default) and on a pool of two.
+    for daemon_args in [&[][..], &["--threads", "2"]] {
+        cat_exchange(&Daemon::start_with(daemon_args));
+    }
+}
+
+fn cat_exchange(daemon: &Daemon) {
     let path = daemon.path.to_str().unwrap();
     let mut server = Command::new(FLOWER)
         .args(["cat", "-l", path, "app=echo", r#"{"pod":"p1"}"#])
@@ -52,7 +58,7 @@ fn cat_listen_and_cat_connect_exchange_both_ways() {
         .write_all(b"from server\n")
         .unwrap();
     wait_until("server registration", || {
-        listed(&daemon) == [r#"{"app":"echo","pod":"p1"}"#]
+        listed(daemon) == [r#"{"app":"echo","pod":"p1"}"#]
     });
 
     let client = flower(&["cat", path, r#"{"app":"echo"}"#], b"from client\n");
@@ -65,7 +71,7 @@ fn cat_listen_and_cat_connect_exchange_both_ways() {
     assert_eq!(text(&server.stdout), "from client\n");
     assert_eq!(text(&server.stderr), "{\"app\":\"echo\",\"pod\":\"p1\"}\n");
     // One-shot: the registration is gone.
-    assert!(listed(&daemon).is_empty());
+    assert!(listed(daemon).is_empty());
 }
 
 #[test]

@@ -130,3 +130,35 @@ async fn two_thousand_handles_open_at_once_are_all_served() {
     drop(handles);
     daemon.settle_fds(baseline).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hitting_the_descriptor_limit_is_a_clear_error_and_recoverable() {
+    let daemon = Daemon::start_with(&["--nofile", "64"]);
+    let root = daemon.connect().await;
+    let mut handles = Vec::new();
+    let err = loop {
+        match root
+            .constrain(&[Right::List], &Labels::new(), &Labels::new())
+            .await
+        {
+            Ok(handle) => handles.push(handle),
+            Err(err) => break err,
+        }
+        assert!(handles.len() < 64, "the limit of 64 was never hit");
+    };
+    assert_eq!(err.code, flower_proto::Code::ResourceExhausted);
+    assert!(
+        err.message
+            .starts_with("Cannot create a handle: Too many open files"),
+        "{err}"
+    );
+    assert!(err.message.contains("RLIMIT_NOFILE 64"), "{err}");
+    // Closing handles frees descriptors; the switchboard goes on.
+    drop(handles);
+    wait_until_async("descriptors to be freed", || async {
+        root.constrain(&[Right::List], &Labels::new(), &Labels::new())
+            .await
+            .is_ok()
+    })
+    .await;
+}

@@ -35,15 +35,15 @@ async fn constrain_cannot_widen_rights() {
         )
         .await
         .unwrap();
-    let err = narrow
-        .constrain(
-            &[Right::IngressConnect, Right::List, Right::EgressStart],
-            &Labels::new(),
-            &Labels::new(),
-        )
-        .await
-        .err()
-        .unwrap();
+    let err = refusal(
+        narrow
+            .constrain(
+                &[Right::IngressConnect, Right::List, Right::EgressStart],
+                &Labels::new(),
+                &Labels::new(),
+            )
+            .await,
+    );
     assert_eq!(err.code, Code::PermissionDenied);
     assert_eq!(
         err.message,
@@ -61,16 +61,12 @@ async fn constrain_cannot_widen_rights() {
         err.message,
         r#"Rights ["CLIENT_CONNECT"] are not present on this handle"#
     );
-    let err = none
-        .server_start(&labels(&[("a", "b")]))
-        .await
-        .err()
-        .unwrap();
+    let err = refusal(none.server_start(&labels(&[("a", "b")])).await);
     assert_eq!(
         err.message,
         r#"Rights ["SERVER_START"] are not present on this handle"#
     );
-    let err = none.list(&Labels::new()).await.err().unwrap();
+    let err = refusal(none.list(&Labels::new()).await);
     assert_eq!(
         err.message,
         r#"Rights ["LIST"] are not present on this handle"#
@@ -103,32 +99,26 @@ async fn constrain_cannot_override_labels() {
         .await
         .unwrap();
 
-    let err = pod
-        .constrain(&all_rights(), &labels(&[("toast", "b")]), &Labels::new())
-        .await
-        .err()
-        .unwrap();
+    let err = refusal(
+        pod.constrain(&all_rights(), &labels(&[("toast", "b")]), &Labels::new())
+            .await,
+    );
     assert_eq!(err.code, Code::PermissionDenied);
     assert_eq!(
         err.message,
         r#"In-labels ["toast"] are already defined with different values"#
     );
-    let err = pod
-        .constrain(&all_rights(), &Labels::new(), &labels(&[("dog", "y")]))
-        .await
-        .err()
-        .unwrap();
+    let err = refusal(
+        pod.constrain(&all_rights(), &Labels::new(), &labels(&[("dog", "y")]))
+            .await,
+    );
     assert_eq!(
         err.message,
         r#"Out-labels ["dog"] are already defined with different values"#
     );
 
     // The same holds for the calls that take labels.
-    let err = pod
-        .server_start(&labels(&[("toast", "b")]))
-        .await
-        .err()
-        .unwrap();
+    let err = refusal(pod.server_start(&labels(&[("toast", "b")])).await);
     assert_eq!(
         err.message,
         r#"In-labels ["toast"] are already defined with different values"#
@@ -141,7 +131,7 @@ async fn constrain_cannot_override_labels() {
         err.message,
         r#"Out-labels ["dog"] are already defined with different values"#
     );
-    let err = pod.list(&labels(&[("dog", "y")])).await.err().unwrap();
+    let err = refusal(pod.list(&labels(&[("dog", "y")])).await);
     assert_eq!(
         err.message,
         r#"Out-labels ["dog"] are already defined with different values"#
@@ -153,11 +143,10 @@ async fn constrain_cannot_override_labels() {
             .await
             .is_ok()
     );
-    let err = pod
-        .constrain(&all_rights(), &labels(&[("", "a")]), &Labels::new())
-        .await
-        .err()
-        .unwrap();
+    let err = refusal(
+        pod.constrain(&all_rights(), &labels(&[("", "a")]), &Labels::new())
+            .await,
+    );
     assert_eq!(err.code, Code::InvalidArgument);
 }
 
@@ -228,7 +217,7 @@ async fn matching_errors_name_the_problem() {
         labels(&[("app", "web"), ("host", "a")]),
         labels(&[("zone", "z")]),
     ] {
-        let err = root.server_start(&overlapping).await.err().unwrap();
+        let err = refusal(root.server_start(&overlapping).await);
         assert_eq!(err.code, Code::FailedPrecondition);
         assert_eq!(
             err.message,
@@ -529,33 +518,5 @@ async fn a_server_dying_mid_call_gives_unavailable() {
             .unwrap_err()
             .code,
         Code::NotFound
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn resolver_start_checks_rights_then_is_unimplemented() {
-    let daemon = Daemon::start();
-    let root = daemon.connect().await;
-    let request = sb::ResolverStartRequest::default();
-    let err = root
-        .peer()
-        .call::<sb::rpc::ResolverStart>(&request, Vec::new())
-        .await
-        .err()
-        .unwrap();
-    assert_eq!(err.code, Code::Unimplemented);
-    let none = root
-        .constrain(&[], &Labels::new(), &Labels::new())
-        .await
-        .unwrap();
-    let err = none
-        .peer()
-        .call::<sb::rpc::ResolverStart>(&request, Vec::new())
-        .await
-        .err()
-        .unwrap();
-    assert_eq!(
-        err.message,
-        r#"Rights ["RESOLVER_START"] are not present on this handle"#
     );
 }

@@ -17,6 +17,11 @@ pub const FLOWER: &str = env!("CARGO_BIN_EXE_flower");
 /// Upper bound for anything a test waits for.
 pub const PATIENCE: Duration = Duration::from_secs(10);
 
+/// The error of a call that must fail (for results whose success type has no Debug).
+pub fn refusal<T>(result: Result<T, flower_proto::Status>) -> flower_proto::Status {
+    result.err().expect("the call should have been refused")
+}
+
 pub fn labels(pairs: &[(&str, &str)]) -> Labels {
     pairs
         .iter()

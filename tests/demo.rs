@@ -1,0 +1,65 @@
+//! The whole-node walkthrough (`examples/demo.sh`) runs and curl gets its page, both
+//! through the ingress and, by name, through resolver + egress + ingress.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::FLOWER;
+
+#[test]
+fn demo_script_serves_a_page_through_the_switchboard() {
+    if Command::new("curl").arg("--version").output().is_err() {
+        eprintln!("skipped: the demo needs curl");
+        return;
+    }
+    let hello_web = std::path::Path::new(FLOWER)
+        .parent()
+        .unwrap()
+        .join("examples/hello_web");
+    assert!(
+        hello_web.exists(),
+        "cargo test builds examples: {hello_web:?}"
+    );
+    let mut child = Command::new("bash")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/demo.sh"))
+        .env("FLOWER", FLOWER)
+        .env("HELLO_WEB", &hello_web)
+        .env_remove("PORT")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("demo did not finish within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let output = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "demo failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        stdout
+            .matches("Hello from a server that never called bind")
+            .count(),
+        2,
+        "{stdout}"
+    );
+    assert!(stdout.contains("request: GET / HTTP/1.1"), "{stdout}");
+    assert!(
+        stdout.contains("request: GET /by-name HTTP/1.0"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("\"client_address\": \"127.0.0.1\""),
+        "{stdout}"
+    );
+}

@@ -1,0 +1,111 @@
+//! The daemon under a service manager: readiness notification and socket activation,
+//! with the manager's side played by the test.
+
+mod common;
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixDatagram;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+
+use common::*;
+use flower_proto::Labels;
+use flower_proto::client::Switchboard;
+
+fn seqpacket_socket() -> OwnedFd {
+    nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Unix,
+        nix::sys::socket::SockType::SeqPacket,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap()
+}
+
+fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    wait_child(child)
+}
+
+#[test]
+fn tells_the_service_manager_when_ready_and_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let manager = UnixDatagram::bind(dir.path().join("notify")).unwrap();
+    manager.set_read_timeout(Some(PATIENCE)).unwrap();
+    let path = dir.path().join("switchboard");
+    let mut daemon = Command::new(FLOWER)
+        .arg("switchboard")
+        .arg(&path)
+        .env("NOTIFY_SOCKET", dir.path().join("notify"))
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0; 256];
+    let n = manager.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"READY=1");
+    // Ready means ready: the socket accepts at once.
+    assert!(
+        std::os::unix::net::UnixStream::connect(&path).is_err(),
+        "not a stream socket"
+    );
+    let channel = seqpacket_socket();
+    nix::sys::socket::connect(
+        channel.as_raw_fd(),
+        &nix::sys::socket::UnixAddr::new(&path).unwrap(),
+    )
+    .unwrap();
+    assert!(terminate(&mut daemon).success());
+    let n = manager.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"STOPPING=1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_a_socket_passed_by_the_service_manager() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("activated");
+    // The manager binds and listens; the daemon gets the socket as descriptor 3.
+    let listener = seqpacket_socket();
+    nix::sys::socket::bind(
+        listener.as_raw_fd(),
+        &nix::sys::socket::UnixAddr::new(&path).unwrap(),
+    )
+    .unwrap();
+    nix::sys::socket::listen(&listener, nix::sys::socket::Backlog::new(16).unwrap()).unwrap();
+    let raw = listener.as_raw_fd();
+    let mut command = Command::new("sh");
+    command
+        .args([
+            "-c",
+            r#"LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" switchboard "$1""#,
+        ])
+        .arg(FLOWER)
+        .arg(dir.path().join("unused-path"))
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null());
+    // SAFETY: dup2 is async-signal-safe; it puts the listener at 3 without CLOEXEC.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::dup2(raw, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut daemon = command.spawn().unwrap();
+    drop(listener);
+
+    let sb = Switchboard::connect(&path).await.unwrap();
+    assert!(list(&sb, &Labels::new()).await.is_empty());
+    let _server = sb.server_start(&labels(&[("app", "x")])).await.unwrap();
+    assert_eq!(list(&sb, &Labels::new()).await.len(), 1);
+    assert!(terminate(&mut daemon).success());
+    // The socket file belongs to the manager: it is left in place, and the path the
+    // daemon was given was never created.
+    assert!(path.exists());
+    assert!(!dir.path().join("unused-path").exists());
+}
