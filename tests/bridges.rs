@@ -31,20 +31,20 @@ fn ingress(address: &str, path: &std::path::Path, labels: &str) -> (Tool, String
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    loop {
-        line.clear();
-        assert!(
-            stderr.read_line(&mut line).unwrap() > 0,
-            "ingress exited before listening"
-        );
-        if line.contains("ingress listening") {
-            break;
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    // A thread reads the log, hands over the "listening" line and keeps draining,
+    // so the tool never blocks on a full pipe and the wait here is bounded.
+    let (found, listening) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            if line.contains("ingress listening") {
+                let _ = found.send(line);
+            }
         }
-    }
-    // Keep draining stderr so the tool never blocks on a full pipe.
-    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    });
+    let line = listening
+        .recv_timeout(PATIENCE)
+        .expect("ingress never logged its listening address");
     let bound = line
         .split_whitespace()
         .find_map(|w| w.strip_prefix("address=").or(w.strip_prefix("path=")));
@@ -341,11 +341,13 @@ async fn ingress_and_egress_survive_a_switchboard_restart() {
         .spawn()
         .unwrap();
     daemon.child = restarted;
+    let deadline = std::time::Instant::now() + PATIENCE;
     let root = loop {
-        if let Ok(sb) = Switchboard::connect(&daemon.path).await {
-            break sb;
+        match Switchboard::connect(&daemon.path).await {
+            Ok(sb) => break sb,
+            Err(e) if std::time::Instant::now() > deadline => panic!("no restart: {e}"),
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
         }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     };
     wait_listed(&root, &labels(&[("net", "out")])).await;
     let mut server = root

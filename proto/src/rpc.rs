@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::fds::{FdFields, Fds};
 use crate::frame::Kind;
-use crate::transport::{Channel, MAX_DATAGRAM};
+use crate::transport::{Channel, MAX_DATAGRAM, RecvError};
 use crate::{Call, Code, Frame, Reply, Status};
 
 /// Incoming calls served concurrently on one channel.
@@ -477,6 +477,12 @@ async fn read_frames(
         let datagram = match received {
             Ok(Some(d)) => d,
             Ok(None) => break,
+            // A peer that exits with unread data resets the socket: that is an
+            // ordinary hang-up, not something an operator must look at.
+            Err(RecvError::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                tracing::debug!("closing channel: {e}");
+                break;
+            }
             Err(e) => {
                 tracing::warn!("closing channel: {e}");
                 break;
