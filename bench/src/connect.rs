@@ -12,12 +12,14 @@ use flower_proto::Labels;
 use flower_proto::client::Switchboard;
 use flower_proto::switchboard::Right;
 
-use crate::floor;
 use crate::procs::{self, Ctx, PATIENCE, Proc};
 use crate::stats::{Summary, Table, now_ns, rate, ratio, us};
+use crate::{floor, raw};
 
 /// The labels of the measured target; fillers say `bench=filler`, so they contradict.
 pub const TARGET: &str = "bench=target";
+/// The same target served by a blocking wire-protocol server ([`raw`]).
+pub const RAW_TARGET: &str = "bench=raw";
 
 /// What a client process connects to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -26,6 +28,8 @@ pub enum Kind {
     Floor,
     /// A `flower switchboard` at a Unix path, `ClientConnect` by labels.
     Switchboard,
+    /// The same, from a blocking client that speaks the wire protocol itself.
+    Raw,
     /// A TCP address: connect, write 1 byte, read the 1-byte echo.
     Tcp,
 }
@@ -35,6 +39,7 @@ impl Kind {
         match self {
             Kind::Floor => "floor",
             Kind::Switchboard => "switchboard",
+            Kind::Raw => "raw",
             Kind::Tcp => "tcp",
         }
     }
@@ -66,6 +71,10 @@ pub fn client_main(
         Kind::Floor => {
             let broker = floor::client(Path::new(target))?;
             timed(iterations, warmup, || floor::connect_once(&broker))
+        }
+        Kind::Raw => {
+            let mut client = raw::RawClient::new(Path::new(target), &parse_labels(labels)?)?;
+            timed(iterations, warmup, || client.connect_once())
         }
         Kind::Tcp => {
             let addr: SocketAddr = target.parse()?;
@@ -295,8 +304,15 @@ pub fn start_floor(ctx: &Ctx, pinned: bool) -> Result<(Proc, Proc, String)> {
     Ok((broker, server, p.to_owned()))
 }
 
-/// A switchboard with the measured target registered by a `serve` helper.
-pub fn start_switchboard(ctx: &Ctx, pinned: bool) -> Result<(Proc, Proc, String)> {
+/// A switchboard and its measured targets: [`TARGET`] served by the client library
+/// (a `serve` helper) and [`RAW_TARGET`] by a blocking `raw-server`.
+pub struct RunningSwitchboard {
+    pub daemon: Proc,
+    pub servers: [Proc; 2],
+    pub path: String,
+}
+
+pub fn start_switchboard(ctx: &Ctx, pinned: bool) -> Result<RunningSwitchboard> {
     let (daemon, path) = ctx.switchboard(pinned)?;
     let p = path.to_str().context("non-UTF-8 temp path")?.to_owned();
     let (server, _) = ctx.start_helper(
@@ -304,7 +320,16 @@ pub fn start_switchboard(ctx: &Ctx, pinned: bool) -> Result<(Proc, Proc, String)
         &["serve", "--switchboard", &p, "--label", TARGET],
         pinned,
     )?;
-    Ok((daemon, server, p))
+    let (raw_server, _) = ctx.start_helper(
+        "raw server",
+        &["raw-server", &p, "--label", RAW_TARGET],
+        pinned,
+    )?;
+    Ok(RunningSwitchboard {
+        daemon,
+        servers: [server, raw_server],
+        path: p,
+    })
 }
 
 /// Registers fillers `start..start+count` in a helper process.
@@ -326,7 +351,9 @@ pub fn start_filler(
 
 /// The floor and the switchboard, measured in alternating rounds under the same
 /// conditions; each side's figures are the medians over the rounds, which keeps a
-/// burst of background load from landing on one side only.
+/// burst of background load from landing on one side only. The switchboard is
+/// measured twice: with the client library's peers, and with blocking peers like the
+/// floor's, which isolates the broker.
 pub struct Pair<'a> {
     pub ctx: &'a Ctx,
     pub opts: &'a Opts,
@@ -336,10 +363,10 @@ pub struct Pair<'a> {
 }
 
 impl Pair<'_> {
-    pub fn measure(&self, clients: usize) -> Result<(Summary, Summary)> {
+    pub fn measure(&self, clients: usize) -> Result<Measured> {
         let o = self.opts;
         let per_round = (o.iterations / o.rounds.max(1)).max(1);
-        let (mut floor, mut flower) = (Vec::new(), Vec::new());
+        let (mut floor, mut flower, mut blocking) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..o.rounds.max(1) {
             let run = |kind, path, labels: &[&str]| {
                 run_clients(
@@ -356,8 +383,29 @@ impl Pair<'_> {
             };
             floor.push(run(Kind::Floor, self.floor, &[])?);
             flower.push(run(Kind::Switchboard, self.switchboard, &[TARGET])?);
+            blocking.push(run(Kind::Raw, self.switchboard, &[RAW_TARGET])?);
         }
-        Ok((Summary::median(&floor), Summary::median(&flower)))
+        Ok(Measured {
+            floor: Summary::median(&floor),
+            library: Summary::median(&flower),
+            blocking: Summary::median(&blocking),
+        })
+    }
+}
+
+/// One paired measurement: the floor and the switchboard with each kind of peers.
+pub struct Measured {
+    pub floor: Summary,
+    pub library: Summary,
+    pub blocking: Summary,
+}
+
+impl Measured {
+    /// The two table rows, library peers first.
+    fn rows(&self, table: &mut Table, mode: &str, clients: usize, targets: &str) {
+        for (peers, s) in [("library", &self.library), ("blocking", &self.blocking)] {
+            table.row(&row(mode, peers, clients, targets, &self.floor, s));
+        }
     }
 }
 
@@ -368,6 +416,7 @@ fn mode_name(pinned: bool) -> &'static str {
 /// Header shared by the connect tables.
 const HEADERS: &[&str] = &[
     "mode",
+    "peers",
     "clients",
     "other targets",
     "floor connects/s",
@@ -381,9 +430,17 @@ const HEADERS: &[&str] = &[
     "× floor",
 ];
 
-pub fn row(mode: &str, clients: usize, targets: &str, f: &Summary, s: &Summary) -> Vec<String> {
+fn row(
+    mode: &str,
+    peers: &str,
+    clients: usize,
+    targets: &str,
+    f: &Summary,
+    s: &Summary,
+) -> Vec<String> {
     vec![
         mode.into(),
+        peers.into(),
         clients.to_string(),
         targets.into(),
         rate(f.per_sec),
@@ -433,18 +490,18 @@ pub fn connect_bench(ctx: &Ctx, o: &Opts) -> Result<()> {
         let mode = mode_name(pinned);
         eprintln!("connect, {mode}");
         let (_broker, _floor_server, floor) = start_floor(ctx, pinned)?;
-        let (_daemon, _server, switchboard) = start_switchboard(ctx, pinned)?;
+        let sb = start_switchboard(ctx, pinned)?;
+        let switchboard = &sb.path;
         let pair = Pair {
             ctx,
             opts: o,
             floor: &floor,
-            switchboard: &switchboard,
+            switchboard,
             pinned,
         };
         for &c in &o.clients {
             eprintln!("  {c} clients");
-            let (f, s) = pair.measure(c)?;
-            table.row(&row(mode, c, "0", &f, &s));
+            pair.measure(c)?.rows(&mut table, mode, c, "0");
         }
         // Fillers are added incrementally; each helper stays alive until the end.
         let mut fillers = Vec::new();
@@ -453,7 +510,7 @@ pub fn connect_bench(ctx: &Ctx, o: &Opts) -> Result<()> {
             let t0 = std::time::Instant::now();
             fillers.push(start_filler(
                 ctx,
-                &switchboard,
+                switchboard,
                 registered,
                 n - registered,
                 pinned,
@@ -462,8 +519,7 @@ pub fn connect_bench(ctx: &Ctx, o: &Opts) -> Result<()> {
             registered = n;
             for &c in &o.clients {
                 eprintln!("  {n} other targets, {c} clients");
-                let (f, s) = pair.measure(c)?;
-                table.row(&row(mode, c, &n.to_string(), &f, &s));
+                pair.measure(c)?.rows(&mut table, mode, c, &n.to_string());
             }
         }
     }
@@ -498,29 +554,29 @@ pub fn scale_bench(ctx: &Ctx, o: &Opts, s: &ScaleOpts) -> Result<()> {
     }
     eprintln!("scale: {handles} handles, {targets} targets");
     let (_broker, _floor_server, floor) = start_floor(ctx, false)?;
-    let (daemon, _server, switchboard) = start_switchboard(ctx, false)?;
+    let sb = start_switchboard(ctx, false)?;
+    let (daemon, switchboard) = (&sb.daemon, &sb.path);
     let pair = Pair {
         ctx,
         opts: o,
         floor: &floor,
-        switchboard: &switchboard,
+        switchboard,
         pinned: false,
     };
     let mut table = Table::new(HEADERS);
     for &c in &o.clients {
         eprintln!("  no load, {c} clients");
-        let (f, m) = pair.measure(c)?;
-        table.row(&row("free, no load", c, "0", &f, &m));
+        pair.measure(c)?.rows(&mut table, "free, no load", c, "0");
     }
     let rss0 = procs::vm_rss_kib(daemon.pid())?;
     let t0 = std::time::Instant::now();
-    let _filler = start_filler(ctx, &switchboard, 0, targets, false)?;
+    let _filler = start_filler(ctx, switchboard, 0, targets, false)?;
     let filler_time = t0.elapsed();
     let rss1 = procs::vm_rss_kib(daemon.pid())?;
     let t0 = std::time::Instant::now();
     let (_holder, held) = ctx.start_helper(
         "holder",
-        &["holder", &switchboard, "--count", &handles.to_string()],
+        &["holder", switchboard, "--count", &handles.to_string()],
         false,
     )?;
     let holder_time = t0.elapsed();
@@ -528,9 +584,9 @@ pub fn scale_bench(ctx: &Ctx, o: &Opts, s: &ScaleOpts) -> Result<()> {
     eprintln!("  registered in {filler_time:?}, {held} handles in {holder_time:?}");
     for &c in &o.clients {
         eprintln!("  under load, {c} clients");
-        let (f, m) = pair.measure(c)?;
         let load = format!("free, {handles} handles");
-        table.row(&row(&load, c, &targets.to_string(), &f, &m));
+        pair.measure(c)?
+            .rows(&mut table, &load, c, &targets.to_string());
     }
     let per = |delta: i64, n: usize| {
         if n == 0 {

@@ -8,6 +8,7 @@ mod connect;
 mod dataplane;
 mod floor;
 mod procs;
+mod raw;
 mod stats;
 mod syscalls;
 
@@ -56,6 +57,12 @@ enum Command {
     FloorBroker { path: PathBuf },
     #[command(hide = true)]
     FloorServer { path: PathBuf },
+    #[command(hide = true)]
+    RawServer {
+        path: PathBuf,
+        #[arg(long)]
+        label: Vec<String>,
+    },
     #[command(hide = true)]
     Client {
         #[arg(long, value_enum)]
@@ -115,8 +122,8 @@ struct Opts {
     /// The `flower` binary [default: `flower` next to this executable].
     #[arg(long)]
     flower: Option<PathBuf>,
-    /// Run the switchboard with this many tokio worker threads (sets
-    /// TOKIO_WORKER_THREADS; for experiments) [default: the daemon's own, one per CPU].
+    /// Run the switchboard with this many tokio worker threads (its `--threads`;
+    /// for experiments) [default: the daemon's own, one thread].
     #[arg(long)]
     daemon_workers: Option<usize>,
     /// Timed connects per measurement, split evenly between the clients.
@@ -293,6 +300,9 @@ fn run(command: Command) -> Result<()> {
         }
         Command::FloorBroker { path } => floor::broker_main(&path)?,
         Command::FloorServer { path } => floor::server_main(&path)?,
+        Command::RawServer { path, label } => {
+            raw::server_main(&path, &connect::parse_labels(&label)?)?
+        }
         Command::Client {
             kind,
             target,

@@ -35,7 +35,7 @@ pub struct Ctx {
     pub exe: PathBuf,
     /// A private directory for socket paths, removed on drop.
     pub dir: TempDir,
-    /// Tokio worker threads for the switchboard (TOKIO_WORKER_THREADS); None: its default.
+    /// Tokio worker threads for the switchboard (`--threads`); None: its default.
     pub daemon_workers: Option<usize>,
 }
 
@@ -90,7 +90,7 @@ impl Ctx {
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null());
         if let Some(n) = self.daemon_workers {
-            cmd.env("TOKIO_WORKER_THREADS", n.to_string());
+            cmd.arg("--threads").arg(n.to_string());
         }
         prepare(&mut cmd, pinned);
         let child = cmd.spawn().context("cannot start flower switchboard")?;

@@ -100,12 +100,12 @@ pub fn syscalls_bench(ctx: &Ctx, n: usize) -> Result<()> {
         &[],
         n,
     );
-    let (daemon, server, sb_path) = connect::start_switchboard(ctx, false)?;
+    let sb = connect::start_switchboard(ctx, false)?;
     let flower = count(
         ctx,
         Kind::Switchboard,
-        &[daemon.pid(), server.pid()],
-        &sb_path,
+        &[sb.daemon.pid(), sb.servers[0].pid()],
+        &sb.path,
         &[TARGET],
         n,
     );

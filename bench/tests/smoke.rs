@@ -74,8 +74,10 @@ fn all_benchmarks_run_with_tiny_sizes() {
     );
     for expected in [
         "Switchboard connect vs the floor",
-        "| free | 2 | 10 |",
-        "| pinned | 1 | 0 |",
+        "| free | library | 2 | 10 |",
+        "| free | blocking | 2 | 10 |",
+        "| pinned | library | 1 | 0 |",
+        "| pinned | blocking | 1 | 0 |",
         "Switchboard memory at scale",
         "switchboard ClientConnect",
         "flower ingress (TCP)",
