@@ -6,9 +6,12 @@
 //!   replies, streaming) and the [`rpc::Service`] trait for the answering side.
 //! * [`fds`]: the `Fd { slot }` convention tying message fields to descriptors.
 //! * [`client`]: the async client library applications and the tools use.
+//! * [`blocking`]: a runtime-free client for one call at a time, with the lowest
+//!   connect latency.
 //!
 //! Message types are generated from `proto/` at build time with a pure-Rust compiler.
 
+pub mod blocking;
 pub mod client;
 pub mod fds;
 pub mod rpc;

@@ -59,7 +59,7 @@ pub enum RecvError {
 }
 
 /// What one receive yields: a datagram, end of stream (`None`), or a refusal.
-type Received = Result<Option<Datagram>, RecvError>;
+pub type Received = Result<Option<Datagram>, RecvError>;
 
 /// A connected SOCK_SEQPACKET Unix socket registered with the tokio reactor.
 #[derive(Debug)]
@@ -101,18 +101,9 @@ impl Channel {
         let addr = UnixAddr::new(path)?;
         // Connecting a Unix socket only blocks while the listener's backlog is full;
         // do it off the runtime so that case cannot stall other tasks.
-        let fd = tokio::task::spawn_blocking(move || -> io::Result<OwnedFd> {
-            let fd = socket::socket(
-                AddressFamily::Unix,
-                SockType::SeqPacket,
-                SockFlag::SOCK_CLOEXEC,
-                None,
-            )?;
-            socket::connect(fd.as_raw_fd(), &addr)?;
-            Ok(fd)
-        })
-        .await
-        .map_err(io::Error::other)??;
+        let fd = tokio::task::spawn_blocking(move || connect_to(&addr))
+            .await
+            .map_err(io::Error::other)??;
         Channel::new(fd)
     }
 
@@ -247,6 +238,59 @@ thread_local! {
 /// One non-blocking `recvmmsg` for up to two datagrams. The outer error is for the
 /// reactor (`WouldBlock`); a `None` second means the socket had nothing more.
 fn recv_now(fd: RawFd) -> io::Result<(Received, Option<Received>)> {
+    recv_up_to(fd, 2, libc::MSG_DONTWAIT)
+}
+
+/// A blocking SOCK_SEQPACKET socket connected to a listening `path`.
+pub fn connect_blocking(path: &Path) -> io::Result<OwnedFd> {
+    connect_to(&UnixAddr::new(path)?)
+}
+
+fn connect_to(addr: &UnixAddr) -> io::Result<OwnedFd> {
+    let fd = socket::socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    socket::connect(fd.as_raw_fd(), addr)?;
+    Ok(fd)
+}
+
+/// Receives one datagram on a blocking socket, with the same checks as
+/// [`Channel::recv`]. `SO_RCVTIMEO` on the socket bounds the wait (`WouldBlock`).
+pub fn recv_blocking(fd: BorrowedFd<'_>) -> io::Result<Received> {
+    recv_up_to(fd.as_raw_fd(), 1, 0).map(|(first, _)| first)
+}
+
+/// Sends one datagram on a blocking socket, as [`Channel::send`] does.
+pub fn send_blocking(fd: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+    if bytes.len() > MAX_DATAGRAM || fds.len() > MAX_FDS {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "datagram over the limits",
+        ));
+    }
+    let raw: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
+    let rights = [ControlMessage::ScmRights(&raw)];
+    let cmsgs: &[ControlMessage] = if raw.is_empty() { &[] } else { &rights };
+    socket::sendmsg::<()>(
+        fd.as_raw_fd(),
+        &[IoSlice::new(bytes)],
+        cmsgs,
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )
+    .map(drop)
+    .map_err(io::Error::from)
+}
+
+/// One `recvmmsg` for up to `count` (1 or 2) datagrams.
+fn recv_up_to(
+    fd: RawFd,
+    count: usize,
+    flags: libc::c_int,
+) -> io::Result<(Received, Option<Received>)> {
     RECV_BUFS.with_borrow_mut(|bufs| {
         // u64 words keep the control buffers aligned for `cmsghdr`.
         let mut control = [[0u64; CMSG_BUF_LEN.div_ceil(8)]; 2];
@@ -262,10 +306,18 @@ fn recv_now(fd: RawFd) -> io::Result<(Received, Option<Received>)> {
             m.msg_hdr.msg_control = control[i].as_mut_ptr().cast();
             m.msg_hdr.msg_controllen = std::mem::size_of_val(&control[i]) as _;
         }
-        let flags = libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT;
+        let flags = libc::MSG_CMSG_CLOEXEC | flags;
+        let count = count.clamp(1, 2) as libc::c_uint;
         // SAFETY: `msgs` describes valid, writable buffers of the stated lengths.
-        let n =
-            unsafe { libc::recvmmsg(fd, msgs.as_mut_ptr(), 2, flags as _, std::ptr::null_mut()) };
+        let n = unsafe {
+            libc::recvmmsg(
+                fd,
+                msgs.as_mut_ptr(),
+                count,
+                flags as _,
+                std::ptr::null_mut(),
+            )
+        };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }

@@ -1,0 +1,148 @@
+//! A blocking client for callers that have no async runtime or want the lowest
+//! connect latency.
+//!
+//! Each call sends one frame and then blocks in `recvmsg` for the reply. No runtime,
+//! no `epoll_wait`, no extra thread. A task blocked in `recv` wakes more cheaply than
+//! one parked in an event loop (BENCHMARKS.md, runs 3 and 4). The trade-off is one
+//! call at a time per handle: use [`crate::client`] to pipeline calls or to serve.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let mut sb = flower_proto::blocking::Switchboard::connect("/run/flower/switchboard".as_ref())?;
+//! let labels = [("app".to_owned(), "web".to_owned())].into();
+//! let conn = sb.client_connect(&labels)?;
+//! # drop(conn); Ok(()) }
+//! ```
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
+use std::time::Duration;
+
+use nix::sys::socket::{self, SockType};
+use prost::Message;
+
+use crate::client::{ConnectError, Connection};
+use crate::fds::Fds;
+use crate::frame::Kind;
+use crate::rpc::Method;
+use crate::switchboard as sb;
+use crate::transport::{self, RecvError};
+use crate::{Call, Code, Frame, Labels, Status};
+
+/// How long a call waits for its reply unless [`Switchboard::set_timeout`] says
+/// otherwise. The switchboard bounds its own calls to registrants, so this only
+/// fires when the switchboard itself is stuck.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A blocking handle to a switchboard. Not shared between threads: calls take
+/// `&mut self` because each waits for its own reply on the one socket.
+#[derive(Debug)]
+pub struct Switchboard {
+    fd: OwnedFd,
+    next_id: u64,
+}
+
+impl Switchboard {
+    /// Connects to the switchboard listening at `path` (a handle with all rights).
+    pub fn connect(path: &Path) -> Result<Switchboard, ConnectError> {
+        let connected = transport::connect_blocking(path).and_then(Switchboard::from_fd);
+        connected.map_err(|error| ConnectError {
+            path: path.to_owned(),
+            error,
+        })
+    }
+
+    /// Wraps a handle received from elsewhere (for example a constrained handle a
+    /// container runtime passed in). Fails unless it is a SOCK_SEQPACKET socket.
+    pub fn from_fd(fd: OwnedFd) -> io::Result<Switchboard> {
+        if socket::getsockopt(&fd, socket::sockopt::SockType)? != SockType::SeqPacket {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "descriptor is not a SOCK_SEQPACKET socket",
+            ));
+        }
+        transport::set_nonblocking(fd.as_fd(), false)?;
+        let sb = Switchboard { fd, next_id: 1 };
+        sb.set_timeout(Some(DEFAULT_TIMEOUT))?;
+        Ok(sb)
+    }
+
+    /// Bounds how long each call waits for its reply (`None`: forever).
+    pub fn set_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        let tv = match timeout {
+            // A zero timeval would mean "forever"; round up to the smallest wait.
+            Some(t) => nix::sys::time::TimeVal::new(
+                t.as_secs() as _,
+                t.subsec_micros().max(u32::from(t.is_zero())) as _,
+            ),
+            None => nix::sys::time::TimeVal::new(0, 0),
+        };
+        socket::setsockopt(&self.fd, socket::sockopt::ReceiveTimeout, &tv)?;
+        Ok(())
+    }
+
+    /// Connects to the one target matching `out_labels`, as
+    /// [`crate::client::Switchboard::client_connect`] does.
+    pub fn client_connect(&mut self, out_labels: &Labels) -> Result<Connection, Status> {
+        let request = sb::ClientConnectRequest {
+            out_labels: out_labels.clone(),
+        };
+        let (reply, mut fds) = self.call::<sb::rpc::ClientConnect>(&request)?;
+        Ok(Connection {
+            socket: fds.take(reply.server, "server")?,
+            labels: reply.connection_labels,
+        })
+    }
+
+    /// One unary call with no descriptors in the request.
+    fn call<M: Method>(&mut self, request: &M::Request) -> Result<(M::Response, Fds), Status> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let frame = Frame {
+            kind: Some(Kind::Call(Call {
+                id,
+                method: M::PATH.to_owned(),
+                message: request.encode_to_vec(),
+            })),
+        };
+        transport::send_blocking(self.fd.as_fd(), &frame.encode_to_vec(), &[])
+            .map_err(|e| Status::unavailable(format!("Cannot reach the switchboard: {e}")))?;
+        loop {
+            let datagram = match transport::recv_blocking(self.fd.as_fd()) {
+                Ok(Ok(Some(datagram))) => datagram,
+                Ok(Ok(None)) => {
+                    return Err(Status::unavailable("The switchboard closed the handle"));
+                }
+                Ok(Err(RecvError::Io(e))) | Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Err(Status::deadline_exceeded(format!(
+                        "No reply from the switchboard to {}",
+                        M::PATH
+                    )));
+                }
+                Ok(Err(e)) => return Err(Status::internal(format!("Bad reply datagram: {e}"))),
+                Err(e) => return Err(Status::unavailable(format!("Cannot read the reply: {e}"))),
+            };
+            let reply = match Frame::decode(&datagram.bytes[..]) {
+                Ok(Frame {
+                    kind: Some(Kind::Reply(reply)),
+                }) => reply,
+                Ok(_) => continue,
+                Err(e) => return Err(Status::internal(format!("Undecodable reply: {e}"))),
+            };
+            // A late reply to an earlier call that timed out: its descriptors close here.
+            if reply.id != id {
+                continue;
+            }
+            if reply.code != 0 {
+                return Err(Status::new(Code::from_i32(reply.code), reply.error));
+            }
+            let malformed = |e: &dyn std::fmt::Display| {
+                Status::internal(format!("Malformed {} reply: {e}", M::PATH))
+            };
+            let message = M::Response::decode(&reply.message[..]).map_err(|e| malformed(&e))?;
+            let fds = Fds::claim(&message, datagram.fds).map_err(|e| malformed(&e))?;
+            return Ok((message, fds));
+        }
+    }
+}
