@@ -326,3 +326,69 @@ async fn ingress_connects_fall_back_too() {
     // The duplicates made for the failed first candidate were all closed.
     daemon.settle_fds(baseline).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ingress_socket_is_never_offered_to_a_second_server_after_a_timeout() {
+    use flower_proto::rpc::Method;
+    use prost::Message;
+    let daemon = Daemon::start_with(&["--call-timeout", "0.3"]);
+    let root = daemon.connect().await;
+    // pod=a registers by hand and never answers its Server.Connect calls.
+    let silent = raw_connect(&daemon.path).await;
+    let request = flower_proto::switchboard::ServerStartRequest {
+        in_labels: labels(&[("app", "web"), ("pod", "a")]),
+    };
+    let start = flower_proto::switchboard::rpc::ServerStart::PATH;
+    send_raw(&silent, &call_frame(1, start, request.encode_to_vec()), &[]).await;
+    let (reply, _registration) = recv_reply(&silent).await.unwrap();
+    assert_eq!(reply.code, 0, "{}", reply.error);
+    let mut b = root
+        .server_start(&labels(&[("app", "web"), ("pod", "b")]))
+        .await
+        .unwrap();
+    serve(
+        root.resolver_start(&["service"], &Labels::new(), &labels(&[("app", "web")]))
+            .await
+            .unwrap(),
+        |_| Ok(candidates(&[(&[("pod", "a")], 0), (&[("pod", "b")], 0)], 0)),
+    );
+
+    let (_outside, inside) = std::os::unix::net::UnixStream::pair().unwrap();
+    let err = refusal(
+        root.ingress_connect(inside.into(), &labels(&[("service", "shop")]))
+            .await,
+    );
+    assert_eq!(err.code, Code::DeadlineExceeded, "{err}");
+    // pod=a may still take the socket it was sent: pod=b must not get it as well.
+    let offered = tokio::time::timeout(std::time::Duration::from_millis(500), b.accept()).await;
+    assert!(
+        offered.is_err(),
+        "the same connection went to a second server"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_resolver_targets_are_dropped() {
+    let daemon = Daemon::start();
+    let root = daemon.connect().await;
+    pod(&root, "a").await;
+    pod(&root, "b").await;
+    serve(
+        root.resolver_start(&["service"], &Labels::new(), &labels(&[("app", "web")]))
+            .await
+            .unwrap(),
+        // The first target has an empty label key, which no label set may carry.
+        |_| {
+            Ok(candidates(
+                &[(&[("", "x"), ("pod", "a")], 0), (&[("pod", "b")], 0)],
+                0,
+            ))
+        },
+    );
+    let conn = root
+        .client_connect(&labels(&[("service", "shop")]))
+        .await
+        .unwrap();
+    assert_eq!(conn.labels["pod"], "b");
+    assert!(!conn.labels.contains_key(""));
+}

@@ -20,8 +20,10 @@ use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
 use crate::directory::{Lookup, TargetId};
-use crate::labels::{FixedLabels, conflicting_keys, derive_fixed, key_list, merge, merge_fixed};
-use crate::resolvers::{Resolver, attempt_order};
+use crate::labels::{
+    FixedLabels, conflicting_keys, derive_fixed, key_list, merge, merge_fixed, validate,
+};
+use crate::resolvers::{MAX_TARGETS, Resolver, attempt_order};
 use crate::rights::Rights;
 use crate::{Shared, TargetEntry, TargetKind};
 
@@ -204,7 +206,14 @@ impl Handle {
                         "Resolver",
                     )
                     .await?;
-                let targets: Arc<[resolver::Target]> = reply.targets.into();
+                // A resolver is trusted with names, not with memory or label rules:
+                // keep a bounded number of well-formed targets.
+                let targets: Arc<[resolver::Target]> = reply
+                    .targets
+                    .into_iter()
+                    .filter(|t| validate(&t.out_labels).is_ok())
+                    .take(MAX_TARGETS)
+                    .collect();
                 resolver.remember(request, targets.clone(), reply.max_cache_duration_seconds);
                 targets
             }
@@ -245,7 +254,8 @@ impl Handle {
         self.rights.require_one(Right::ClientConnect)?;
         let (req, _) = request.decode::<rpc::ClientConnect>()?;
         let candidates = self.candidates(&req.out_labels).await?;
-        first_success(candidates, |out, _| self.client_connect_to(out)).await
+        // Every attempt has its own socketpair, so any failure may move on.
+        first_success(candidates, |_| false, |out, _| self.client_connect_to(out)).await
     }
 
     async fn client_connect_to(&self, out: Labels) -> Result<Response, Status> {
@@ -287,7 +297,10 @@ impl Handle {
         let client = fds.take_socket(req.client, "client")?;
         let candidates = self.candidates(&req.out_labels).await?;
         let mut client = Some(client);
-        let labels = first_success(candidates, |out, last| {
+        // A server that timed out may still take the duplicate it was sent; offering
+        // the same TCP connection to a second server would let two servers share it.
+        let delivered = |status: &Status| status.code == Code::DeadlineExceeded;
+        let labels = first_success(candidates, delivered, |out, last| {
             // Every attempt but the last gets a duplicate, so a refusal leaves us the
             // socket to offer the next candidate.
             let socket = match last {
@@ -377,8 +390,10 @@ impl Handle {
 
 /// Tries `attempt(candidate, is_last)` on each candidate in order: the first success
 /// is the answer, else the last failure (`NOT_FOUND` when there was no candidate).
+/// A failure for which `is_final` holds ends the search at once.
 async fn first_success<T, Fut>(
     candidates: Vec<Labels>,
+    is_final: impl Fn(&Status) -> bool,
     mut attempt: impl FnMut(Labels, bool) -> Fut,
 ) -> Result<T, Status>
 where
@@ -389,6 +404,7 @@ where
     for (n, out) in candidates.into_iter().enumerate() {
         match attempt(out, n == last).await {
             Ok(answer) => return Ok(answer),
+            Err(status) if is_final(&status) => return Err(status),
             Err(status) => {
                 tracing::debug!("candidate failed: {status}");
                 failure = Some(status);

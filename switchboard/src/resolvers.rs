@@ -29,6 +29,8 @@ pub const MAX_CACHE: Duration = Duration::from_secs(3600);
 const CACHE_ENTRIES: usize = 4096;
 /// Candidates tried per connect: each attempt may take a whole call timeout.
 pub const MAX_ATTEMPTS: usize = 16;
+/// Targets kept from one answer (the rest are dropped before caching).
+pub const MAX_TARGETS: usize = 256;
 
 /// A registered resolver.
 pub(crate) struct Resolver {
