@@ -189,3 +189,18 @@ fn a_reply_with_stray_descriptors_is_refused_and_they_are_closed() {
     let mut buf = [0u8; 1];
     assert_eq!(std::io::Read::read(&mut &kept, &mut buf).unwrap(), 0);
 }
+
+#[test]
+fn a_sub_microsecond_timeout_is_not_forever() {
+    let (_dir, path, listener) = fake_switchboard();
+    let mut sb = Switchboard::connect(&path).unwrap();
+    let _peer = accept(&listener);
+    sb.set_timeout(Some(Duration::from_nanos(1))).unwrap();
+    let worker = std::thread::spawn(move || refusal(sb.client_connect(&labels(&[("a", "b")]))));
+    let deadline = Instant::now() + PATIENCE;
+    while !worker.is_finished() {
+        assert!(Instant::now() < deadline, "a 1 ns timeout waited forever");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(worker.join().unwrap().code, Code::DeadlineExceeded);
+}

@@ -56,7 +56,7 @@ fn send(fd: &OwnedFd, frame: &Frame) -> Result<()> {
 /// `flower-bench raw-server`: registers under `labels`, then closes every connection
 /// it is handed and acknowledges it, forever.
 pub fn server_main(path: &Path, labels: &Labels) -> Result<()> {
-    let handle = flower_proto::transport::connect_blocking(path)?;
+    let handle = flower_proto::transport::connect_blocking(path, Some(crate::procs::PATIENCE))?;
     let start = Call {
         id: 1,
         method: sb::rpc::ServerStart::PATH.into(),

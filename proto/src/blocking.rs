@@ -20,6 +20,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use nix::sys::socket::{self, SockType};
+
 use prost::Message;
 
 use crate::client::{ConnectError, Connection};
@@ -46,7 +47,8 @@ pub struct Switchboard {
 impl Switchboard {
     /// Connects to the switchboard listening at `path` (a handle with all rights).
     pub fn connect(path: &Path) -> Result<Switchboard, ConnectError> {
-        let connected = transport::connect_blocking(path).and_then(Switchboard::from_fd);
+        let connected =
+            transport::connect_blocking(path, Some(DEFAULT_TIMEOUT)).and_then(Switchboard::from_fd);
         connected.map_err(|error| ConnectError {
             path: path.to_owned(),
             error,
@@ -68,18 +70,10 @@ impl Switchboard {
         Ok(sb)
     }
 
-    /// Bounds how long each call waits for its reply (`None`: forever).
+    /// Bounds how long each call may wait to send its request and for its reply
+    /// (`None`: forever).
     pub fn set_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
-        let tv = match timeout {
-            // A zero timeval would mean "forever"; round up to the smallest wait.
-            Some(t) => nix::sys::time::TimeVal::new(
-                t.as_secs() as _,
-                t.subsec_micros().max(u32::from(t.is_zero())) as _,
-            ),
-            None => nix::sys::time::TimeVal::new(0, 0),
-        };
-        socket::setsockopt(&self.fd, socket::sockopt::ReceiveTimeout, &tv)?;
-        Ok(())
+        transport::set_timeouts(self.fd.as_fd(), timeout)
     }
 
     /// Connects to the one target matching `out_labels`, as

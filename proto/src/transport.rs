@@ -22,6 +22,7 @@ use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use nix::sys::socket::{
     self, AddressFamily, Backlog, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr,
@@ -241,26 +242,70 @@ fn recv_now(fd: RawFd) -> io::Result<(Received, Option<Received>)> {
     recv_up_to(fd, 2, libc::MSG_DONTWAIT)
 }
 
-/// A blocking SOCK_SEQPACKET socket connected to a listening `path`.
-pub fn connect_blocking(path: &Path) -> io::Result<OwnedFd> {
-    connect_to(&UnixAddr::new(path)?)
+/// A blocking SOCK_SEQPACKET socket connected to a listening `path`. With a
+/// `timeout`, it is set as the socket's send and receive timeouts before connecting,
+/// so the connect (which waits only while the listener's backlog is full), every
+/// send and every receive are bounded by it.
+pub fn connect_blocking(path: &Path, timeout: Option<Duration>) -> io::Result<OwnedFd> {
+    let fd = new_seqpacket()?;
+    set_timeouts(fd.as_fd(), timeout)?;
+    connect_with_retry(&fd, &UnixAddr::new(path)?)?;
+    Ok(fd)
 }
 
-fn connect_to(addr: &UnixAddr) -> io::Result<OwnedFd> {
-    let fd = socket::socket(
+/// Bounds blocking sends and receives on `fd` (`None`: wait forever).
+pub fn set_timeouts(fd: BorrowedFd<'_>, timeout: Option<Duration>) -> io::Result<()> {
+    let tv = match timeout {
+        // Round up: a zero timeval would mean "forever".
+        Some(t) => nix::sys::time::TimeVal::new(
+            t.as_secs().min(i32::MAX as u64) as _,
+            t.subsec_micros()
+                .max(u32::from(t < Duration::from_micros(1))) as _,
+        ),
+        None => nix::sys::time::TimeVal::new(0, 0),
+    };
+    socket::setsockopt(&fd, socket::sockopt::ReceiveTimeout, &tv)?;
+    socket::setsockopt(&fd, socket::sockopt::SendTimeout, &tv)?;
+    Ok(())
+}
+
+fn new_seqpacket() -> io::Result<OwnedFd> {
+    Ok(socket::socket(
         AddressFamily::Unix,
         SockType::SeqPacket,
         SockFlag::SOCK_CLOEXEC,
         None,
-    )?;
-    socket::connect(fd.as_raw_fd(), addr)?;
+    )?)
+}
+
+/// `connect`, resumed after a signal (a Unix connect that was interrupted has
+/// already queued or failed; retrying reports `EISCONN` if it went through).
+fn connect_with_retry(fd: &OwnedFd, addr: &UnixAddr) -> io::Result<()> {
+    loop {
+        match socket::connect(fd.as_raw_fd(), addr) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(nix::errno::Errno::EISCONN) => return Ok(()),
+            other => return other.map_err(io::Error::from),
+        }
+    }
+}
+
+fn connect_to(addr: &UnixAddr) -> io::Result<OwnedFd> {
+    let fd = new_seqpacket()?;
+    connect_with_retry(&fd, addr)?;
     Ok(fd)
 }
 
 /// Receives one datagram on a blocking socket, with the same checks as
 /// [`Channel::recv`]. `SO_RCVTIMEO` on the socket bounds the wait (`WouldBlock`).
 pub fn recv_blocking(fd: BorrowedFd<'_>) -> io::Result<Received> {
-    recv_up_to(fd.as_raw_fd(), 1, 0).map(|(first, _)| first)
+    loop {
+        // With a timeout set the kernel never restarts the call after a signal.
+        match recv_up_to(fd.as_raw_fd(), 1, 0) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other.map(|(first, _)| first),
+        }
+    }
 }
 
 /// Sends one datagram on a blocking socket, as [`Channel::send`] does.
@@ -274,15 +319,18 @@ pub fn send_blocking(fd: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -
     let raw: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
     let rights = [ControlMessage::ScmRights(&raw)];
     let cmsgs: &[ControlMessage] = if raw.is_empty() { &[] } else { &rights };
-    socket::sendmsg::<()>(
-        fd.as_raw_fd(),
-        &[IoSlice::new(bytes)],
-        cmsgs,
-        MsgFlags::MSG_NOSIGNAL,
-        None,
-    )
-    .map(drop)
-    .map_err(io::Error::from)
+    loop {
+        match socket::sendmsg::<()>(
+            fd.as_raw_fd(),
+            &[IoSlice::new(bytes)],
+            cmsgs,
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        ) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            done => return done.map(drop).map_err(io::Error::from),
+        }
+    }
 }
 
 /// One `recvmmsg` for up to `count` (1 or 2) datagrams.

@@ -122,8 +122,8 @@ pub fn bind(path: &Path, mode: u32, group: Option<&str>) -> io::Result<Listener>
     let bound = Listener::bind(path);
     umask(old);
     let listener = bound.map_err(|e| context("cannot listen on", e))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| context("cannot set the mode of", e))?;
+    // Group first, mode second: widening the mode while the socket still has the
+    // daemon's own group would let that group's members in for a moment.
     if let Some(group) = group {
         let gid = match nix::unistd::Group::from_name(group) {
             Ok(Some(g)) => g.gid,
@@ -140,6 +140,8 @@ pub fn bind(path: &Path, mode: u32, group: Option<&str>) -> io::Result<Listener>
         nix::unistd::chown(path, None, Some(gid))
             .map_err(|e| context("cannot change the group of", e.into()))?;
     }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| context("cannot set the mode of", e))?;
     Ok(listener)
 }
 
