@@ -236,6 +236,41 @@ fn daemon_replaces_stale_sockets_but_not_live_ones_or_files() {
 }
 
 #[test]
+fn a_busy_live_socket_is_not_taken_over_and_start_up_does_not_wait() {
+    use nix::sys::socket::{
+        AddressFamily, Backlog, SockFlag, SockType, UnixAddr, bind, connect, listen, socket,
+    };
+    use std::os::fd::AsRawFd;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sb");
+    // A listener that never accepts, with its backlog filled.
+    let seqpacket = |flags| socket(AddressFamily::Unix, SockType::SeqPacket, flags, None).unwrap();
+    let listener = seqpacket(SockFlag::SOCK_CLOEXEC);
+    bind(listener.as_raw_fd(), &UnixAddr::new(&path).unwrap()).unwrap();
+    listen(&listener, Backlog::new(0).unwrap()).unwrap();
+    let mut queued = Vec::new();
+    for _ in 0..64 {
+        let fd = seqpacket(SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK);
+        if connect(fd.as_raw_fd(), &UnixAddr::new(&path).unwrap()).is_err() {
+            break;
+        }
+        queued.push(fd);
+    }
+    let mut daemon = Command::new(FLOWER)
+        .arg("switchboard")
+        .arg(&path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_child(&mut daemon);
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut daemon.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("already listening"), "{stderr}");
+    drop((queued, listener));
+}
+
+#[test]
 fn help_explains_the_commands() {
     let out = Command::new(FLOWER).arg("--help").output().unwrap();
     assert!(out.status.success());

@@ -149,14 +149,18 @@ pub fn bind(path: &Path, mode: u32, group: Option<&str>) -> io::Result<Listener>
 fn probe(path: &Path) -> nix::Result<()> {
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
     use std::os::fd::AsRawFd;
-    // Blocking is fine here: this runs once, before serving.
+    // Non-blocking: a live daemon whose backlog is full answers EAGAIN instead of
+    // making this start-up wait for it.
     let fd = socket(
         AddressFamily::Unix,
         SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
         None,
     )?;
-    connect(fd.as_raw_fd(), &UnixAddr::new(path)?)
+    match connect(fd.as_raw_fd(), &UnixAddr::new(path)?) {
+        Err(nix::errno::Errno::EAGAIN) => Ok(()),
+        other => other,
+    }
 }
 
 /// Sets the descriptor limit (soft and hard) to `limit`, for operators who cap the
