@@ -181,7 +181,7 @@ fn init_logging(json: bool) {
     }
 }
 
-async fn run(command: Command) -> Result<()> {
+async fn run(command: Command, activated: Option<std::os::fd::OwnedFd>) -> Result<()> {
     match command {
         Command::Switchboard {
             path,
@@ -205,6 +205,7 @@ async fn run(command: Command) -> Result<()> {
                 group,
                 nofile,
                 config,
+                activated,
             })
             .await?;
         }
@@ -260,6 +261,15 @@ fn main() -> ExitCode {
         Command::Switchboard { threads, .. } => Some(*threads),
         _ => None,
     };
+    // Before the runtime opens its own descriptors (see `daemon::Options::activated`).
+    let activated = match threads.map(|_| flower_switchboard::systemd::activated_listener()) {
+        Some(Err(e)) => {
+            eprintln!("flower: {e}");
+            return ExitCode::FAILURE;
+        }
+        Some(Ok(fd)) => fd,
+        None => None,
+    };
     // One thread unless the switchboard is asked for a pool: the tools' work per
     // connection is a few syscalls, and a pool only adds cross-thread wake-ups.
     let mut builder = match threads {
@@ -271,7 +281,7 @@ fn main() -> ExitCode {
         _ => tokio::runtime::Builder::new_current_thread(),
     };
     let runtime = builder.enable_all().build().expect("tokio runtime");
-    let result = runtime.block_on(run(cli.command));
+    let result = runtime.block_on(run(cli.command, activated));
     let code = match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -87,10 +87,17 @@ async fn serves_a_socket_passed_by_the_service_manager() {
         .arg(dir.path().join("unused-path"))
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null());
-    // SAFETY: dup2 is async-signal-safe; it puts the listener at 3 without CLOEXEC.
+    // SAFETY: dup2 and fcntl are async-signal-safe; the listener ends up at 3
+    // without CLOEXEC.
     unsafe {
         command.pre_exec(move || {
-            if libc::dup2(raw, 3) < 0 {
+            // dup2(3, 3) would keep close-on-exec: then just clear the flag.
+            let done = if raw == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(raw, 3)
+            };
+            if done < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -108,4 +115,23 @@ async fn serves_a_socket_passed_by_the_service_manager() {
     // daemon was given was never created.
     assert!(path.exists());
     assert!(!dir.path().join("unused-path").exists());
+}
+
+#[test]
+fn a_wrong_listen_fds_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    // LISTEN_FDS says one socket, but descriptor 3 is closed.
+    let output = Command::new("sh")
+        .args([
+            "-c",
+            r#"exec 3>&-; LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" switchboard "$1""#,
+        ])
+        .arg(FLOWER)
+        .arg(dir.path().join("sb"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("descriptor 3 is not open"), "{stderr}");
 }

@@ -1,6 +1,7 @@
 //! `flower switchboard`: serve a switchboard on a socket path.
 
 use std::io;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -11,7 +12,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{Config, Switchboard, systemd};
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Options {
     pub path: PathBuf,
     /// Permission bits of the socket file; connecting needs write permission.
@@ -21,6 +22,11 @@ pub struct Options {
     /// Descriptor limit to run with; `None`: as high as allowed.
     pub nofile: Option<u64>,
     pub config: Config,
+    /// The listening socket a service manager passed, from
+    /// [`systemd::activated_listener`]. Claim it first thing in `main`, before a
+    /// runtime or anything else opens descriptors: if the manager's variables are
+    /// wrong, descriptor 3 could otherwise be something else of ours.
+    pub activated: Option<OwnedFd>,
 }
 
 /// Runs until SIGTERM or SIGINT, then removes the socket file (unless it came from
@@ -36,7 +42,7 @@ pub async fn run(options: Options) -> io::Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
     let path = &options.path;
     // With socket activation the service manager owns the socket file.
-    let (listener, identity) = match systemd::activated_listener()? {
+    let (listener, identity) = match options.activated {
         Some(fd) => {
             tracing::info!("switchboard listening on the socket passed by the service manager");
             (Listener::from_fd(fd)?, None)

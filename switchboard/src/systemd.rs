@@ -58,8 +58,15 @@ pub fn activated_listener() -> io::Result<Option<OwnedFd>> {
             )));
         }
     }
-    // SAFETY: by the protocol, descriptor 3 was passed to this process and nothing
-    // else in it has claimed it.
+    // A wrong LISTEN_FDS must not make us own (and later close) a descriptor that
+    // is not open.
+    nix::fcntl::fcntl(LISTEN_FDS_START, nix::fcntl::FcntlArg::F_GETFD).map_err(|e| {
+        io::Error::other(format!(
+            "LISTEN_FDS=1 but descriptor {LISTEN_FDS_START} is not open: {e}"
+        ))
+    })?;
+    // SAFETY: by the protocol, descriptor 3 was passed to this process (it is open,
+    // checked above) and nothing else in it has claimed it.
     let fd = unsafe { OwnedFd::from_raw_fd(LISTEN_FDS_START) };
     nix::fcntl::fcntl(
         fd.as_raw_fd(),
