@@ -204,3 +204,33 @@ fn a_sub_microsecond_timeout_is_not_forever() {
     }
     assert_eq!(worker.join().unwrap().code, Code::DeadlineExceeded);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocking_server_accepts_and_its_target_goes_with_it() {
+    let daemon = Daemon::start();
+    let root = daemon.connect().await;
+    let path = daemon.path.clone();
+    let (ready, registered) = std::sync::mpsc::channel();
+    let server = std::thread::spawn(move || {
+        let mut sb = Switchboard::connect(&path).unwrap();
+        let mut server = sb.server_start(&labels(&[("app", "web")])).unwrap();
+        ready.send(()).unwrap();
+        server.accept().unwrap()
+    });
+    registered.recv_timeout(PATIENCE).unwrap();
+    let conn = root
+        .client_connect(&labels(&[("app", "web")]))
+        .await
+        .unwrap();
+    let incoming = server.join().unwrap();
+    assert_eq!(incoming.labels, labels(&[("app", "web")]));
+    exchange(
+        &mut UnixStream::from(conn.socket),
+        &mut UnixStream::from(incoming.socket),
+    );
+    // The thread dropped its Server (and handle): the registration is gone.
+    wait_until_async("the target to go", || async {
+        list(&root, &flower_proto::Labels::new()).await.is_empty()
+    })
+    .await;
+}

@@ -14,12 +14,12 @@ use flower_proto::switchboard::Right;
 
 use crate::procs::{self, Ctx, PATIENCE, Proc};
 use crate::stats::{Summary, Table, now_ns, rate, ratio, us};
-use crate::{floor, raw};
+use crate::{blocking_peers, floor};
 
 /// The labels of the measured target; fillers say `bench=filler`, so they contradict.
 pub const TARGET: &str = "bench=target";
-/// The same target served by a blocking wire-protocol server ([`raw`]).
-pub const RAW_TARGET: &str = "bench=raw";
+/// The same target served by the library's blocking server ([`blocking_peers`]).
+pub const BLOCKING_TARGET: &str = "bench=blocking";
 
 /// What a client process connects to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -28,8 +28,8 @@ pub enum Kind {
     Floor,
     /// A `flower switchboard` at a Unix path, `ClientConnect` by labels.
     Switchboard,
-    /// The same, from a blocking client that speaks the wire protocol itself.
-    Raw,
+    /// The same, from the library's blocking client.
+    Blocking,
     /// A TCP address: connect, write 1 byte, read the 1-byte echo.
     Tcp,
 }
@@ -39,7 +39,7 @@ impl Kind {
         match self {
             Kind::Floor => "floor",
             Kind::Switchboard => "switchboard",
-            Kind::Raw => "raw",
+            Kind::Blocking => "blocking",
             Kind::Tcp => "tcp",
         }
     }
@@ -72,8 +72,9 @@ pub fn client_main(
             let broker = floor::client(Path::new(target))?;
             timed(iterations, warmup, || floor::connect_once(&broker))
         }
-        Kind::Raw => {
-            let mut client = raw::RawClient::new(Path::new(target), &parse_labels(labels)?)?;
+        Kind::Blocking => {
+            let mut client =
+                blocking_peers::Client::new(Path::new(target), &parse_labels(labels)?)?;
             timed(iterations, warmup, || client.connect_once())
         }
         Kind::Tcp => {
@@ -305,7 +306,7 @@ pub fn start_floor(ctx: &Ctx, pinned: bool) -> Result<(Proc, Proc, String)> {
 }
 
 /// A switchboard and its measured targets: [`TARGET`] served by the client library
-/// (a `serve` helper) and [`RAW_TARGET`] by a blocking `raw-server`.
+/// (a `serve` helper) and [`BLOCKING_TARGET`] by a `blocking-server`.
 pub struct RunningSwitchboard {
     pub daemon: Proc,
     pub servers: [Proc; 2],
@@ -320,14 +321,14 @@ pub fn start_switchboard(ctx: &Ctx, pinned: bool) -> Result<RunningSwitchboard> 
         &["serve", "--switchboard", &p, "--label", TARGET],
         pinned,
     )?;
-    let (raw_server, _) = ctx.start_helper(
-        "raw server",
-        &["raw-server", &p, "--label", RAW_TARGET],
+    let (blocking_server, _) = ctx.start_helper(
+        "blocking server",
+        &["blocking-server", &p, "--label", BLOCKING_TARGET],
         pinned,
     )?;
     Ok(RunningSwitchboard {
         daemon,
-        servers: [server, raw_server],
+        servers: [server, blocking_server],
         path: p,
     })
 }
@@ -383,7 +384,7 @@ impl Pair<'_> {
             };
             floor.push(run(Kind::Floor, self.floor, &[])?);
             flower.push(run(Kind::Switchboard, self.switchboard, &[TARGET])?);
-            blocking.push(run(Kind::Raw, self.switchboard, &[RAW_TARGET])?);
+            blocking.push(run(Kind::Blocking, self.switchboard, &[BLOCKING_TARGET])?);
         }
         Ok(Measured {
             floor: Summary::median(&floor),

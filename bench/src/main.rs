@@ -4,11 +4,11 @@
 //! Figures go to stdout as markdown tables; progress goes to stderr. See
 //! BENCHMARKS.md for the method and the results.
 
+mod blocking_peers;
 mod connect;
 mod dataplane;
 mod floor;
 mod procs;
-mod raw;
 mod stats;
 mod syscalls;
 
@@ -58,7 +58,7 @@ enum Command {
     #[command(hide = true)]
     FloorServer { path: PathBuf },
     #[command(hide = true)]
-    RawServer {
+    BlockingServer {
         path: PathBuf,
         #[arg(long)]
         label: Vec<String>,
@@ -300,8 +300,8 @@ fn run(command: Command) -> Result<()> {
         }
         Command::FloorBroker { path } => floor::broker_main(&path)?,
         Command::FloorServer { path } => floor::server_main(&path)?,
-        Command::RawServer { path, label } => {
-            raw::server_main(&path, &connect::parse_labels(&label)?)?
+        Command::BlockingServer { path, label } => {
+            blocking_peers::server_main(&path, &connect::parse_labels(&label)?)?
         }
         Command::Client {
             kind,

@@ -99,10 +99,10 @@ impl Channel {
 
     /// Connects to a listening path.
     pub async fn connect(path: &Path) -> io::Result<Channel> {
-        let addr = UnixAddr::new(path)?;
         // Connecting a Unix socket only blocks while the listener's backlog is full;
         // do it off the runtime so that case cannot stall other tasks.
-        let fd = tokio::task::spawn_blocking(move || connect_to(&addr))
+        let path = path.to_owned();
+        let fd = tokio::task::spawn_blocking(move || connect_blocking(&path, None))
             .await
             .map_err(io::Error::other)??;
         Channel::new(fd)
@@ -248,7 +248,9 @@ fn recv_now(fd: RawFd) -> io::Result<(Received, Option<Received>)> {
 /// send and every receive are bounded by it.
 pub fn connect_blocking(path: &Path, timeout: Option<Duration>) -> io::Result<OwnedFd> {
     let fd = new_seqpacket()?;
-    set_timeouts(fd.as_fd(), timeout)?;
+    if timeout.is_some() {
+        set_timeouts(fd.as_fd(), timeout)?;
+    }
     connect_with_retry(&fd, &UnixAddr::new(path)?)?;
     Ok(fd)
 }
@@ -288,12 +290,6 @@ fn connect_with_retry(fd: &OwnedFd, addr: &UnixAddr) -> io::Result<()> {
             other => return other.map_err(io::Error::from),
         }
     }
-}
-
-fn connect_to(addr: &UnixAddr) -> io::Result<OwnedFd> {
-    let fd = new_seqpacket()?;
-    connect_with_retry(&fd, addr)?;
-    Ok(fd)
 }
 
 /// Receives one datagram on a blocking socket, with the same checks as
