@@ -59,6 +59,19 @@ async fn pod(root: &Switchboard, name: &str) {
     );
 }
 
+/// A resolver for the `service` key whose answers are `app=web` pods, answering with
+/// `answer`; returns its call counter.
+async fn service_resolver(
+    root: &Switchboard,
+    answer: impl Fn(&Labels) -> Result<ResolveResponse, Status> + Send + 'static,
+) -> Arc<AtomicUsize> {
+    let resolver = root
+        .resolver_start(&["service"], &Labels::new(), &labels(&[("app", "web")]))
+        .await
+        .unwrap();
+    serve(resolver, answer)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resolved_candidates_fall_back_in_order() {
     let daemon = Daemon::start();
@@ -66,11 +79,7 @@ async fn resolved_candidates_fall_back_in_order() {
     pod(&root, "b").await;
     pod(&root, "c").await;
     // "a" is not registered: the first candidate fails, the second connects.
-    let resolver = root
-        .resolver_start(&["service"], &Labels::new(), &labels(&[("app", "web")]))
-        .await
-        .unwrap();
-    let calls = serve(resolver, |request| {
+    let calls = service_resolver(&root, |request| {
         assert_eq!(
             request,
             &labels(&[("service", "shop")]),
@@ -84,7 +93,8 @@ async fn resolved_candidates_fall_back_in_order() {
             ],
             0,
         ))
-    });
+    })
+    .await;
 
     let conn = root
         .client_connect(&labels(&[("service", "shop"), ("tier", "1")]))
@@ -303,12 +313,10 @@ async fn ingress_connects_fall_back_too() {
         .server_start(&labels(&[("app", "web"), ("pod", "b")]))
         .await
         .unwrap();
-    serve(
-        root.resolver_start(&["service"], &Labels::new(), &labels(&[("app", "web")]))
-            .await
-            .unwrap(),
-        |_| Ok(candidates(&[(&[("pod", "a")], 1), (&[("pod", "b")], 0)], 0)),
-    );
+    service_resolver(&root, |_| {
+        Ok(candidates(&[(&[("pod", "a")], 1), (&[("pod", "b")], 0)], 0))
+    })
+    .await;
     let baseline = daemon.baseline(&root).await;
     for _ in 0..50 {
         let (mut outside, inside) = std::os::unix::net::UnixStream::pair().unwrap();
@@ -346,12 +354,10 @@ async fn an_ingress_socket_is_never_offered_to_a_second_server_after_a_timeout()
         .server_start(&labels(&[("app", "web"), ("pod", "b")]))
         .await
         .unwrap();
-    serve(
-        root.resolver_start(&["service"], &Labels::new(), &labels(&[("app", "web")]))
-            .await
-            .unwrap(),
-        |_| Ok(candidates(&[(&[("pod", "a")], 0), (&[("pod", "b")], 0)], 0)),
-    );
+    service_resolver(&root, |_| {
+        Ok(candidates(&[(&[("pod", "a")], 0), (&[("pod", "b")], 0)], 0))
+    })
+    .await;
 
     let (_outside, inside) = std::os::unix::net::UnixStream::pair().unwrap();
     let err = refusal(
@@ -373,18 +379,12 @@ async fn malformed_resolver_targets_are_dropped() {
     let root = daemon.connect().await;
     pod(&root, "a").await;
     pod(&root, "b").await;
-    serve(
-        root.resolver_start(&["service"], &Labels::new(), &labels(&[("app", "web")]))
-            .await
-            .unwrap(),
-        // The first target has an empty label key, which no label set may carry.
-        |_| {
-            Ok(candidates(
-                &[(&[("", "x"), ("pod", "a")], 0), (&[("pod", "b")], 0)],
-                0,
-            ))
-        },
-    );
+    // The first target has an empty label key, which no label set may carry.
+    let malformed = [
+        (&[("", "x"), ("pod", "a")][..], 0),
+        (&[("pod", "b")][..], 0),
+    ];
+    service_resolver(&root, move |_| Ok(candidates(&malformed, 0))).await;
     let conn = root
         .client_connect(&labels(&[("service", "shop")]))
         .await
