@@ -4,6 +4,7 @@
 //!   descriptors per datagram, with the receive-side limits enforced.
 //! * [`rpc`]: call/reply multiplexing over a channel (pipelining, out-of-order
 //!   replies, streaming) and the [`rpc::Service`] trait for the answering side.
+//! * [`frame`]: the frame codec both peers share (calls, replies, reply → result).
 //! * [`fds`]: the `Fd { slot }` convention tying message fields to descriptors.
 //! * [`client`]: the async client library applications and the tools use.
 //! * [`blocking`]: a runtime-free client for one call at a time, with the lowest
@@ -14,6 +15,7 @@
 pub mod blocking;
 pub mod client;
 pub mod fds;
+pub mod frame;
 pub mod rpc;
 pub mod status;
 pub mod transport;
@@ -23,9 +25,7 @@ mod pb {
 }
 include!(concat!(env!("OUT_DIR"), "/fd_fields.rs"));
 
-pub use pb::flower::protocol::{
-    Call, Fd, Frame, Reply, egress, frame, resolver, server, switchboard,
-};
+pub use pb::flower::protocol::{Call, Fd, Frame, Reply, egress, resolver, server, switchboard};
 pub use status::{Code, Status};
 
 /// A label set: UTF-8 keys (non-empty) to UTF-8 values, kept sorted.

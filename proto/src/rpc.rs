@@ -21,10 +21,10 @@ use prost::Message;
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::fds::{FdFields, Fds};
-use crate::frame::Kind;
+use crate::fds::{FdFields, Fds, OutFds};
+use crate::frame::{self, Kind};
 use crate::transport::{Channel, MAX_DATAGRAM, RecvError};
-use crate::{Call, Code, Frame, Reply, Status};
+use crate::{Code, Reply, Status};
 
 /// Incoming calls served concurrently on one channel.
 pub const MAX_CALLS_IN_FLIGHT: usize = 128;
@@ -76,7 +76,12 @@ impl Response {
     }
 }
 
-/// The answering side of a channel.
+/// What a typed method of a generated service trait returns: the reply message and
+/// the descriptors its `Fd` fields name.
+pub type Answer<T> = Result<(T, OutFds), Status>;
+
+/// The answering side of a channel. Implemented by the generated `rpc::Serve<S>` of
+/// each service, which decodes requests for a typed service trait.
 pub trait Service: Send + Sync + 'static {
     /// Serves one call. Streaming methods send their items through `stream` before
     /// returning the final (empty) response.
@@ -93,15 +98,29 @@ pub struct StreamSink {
     id: u64,
 }
 
+/// The intermediate replies of a streaming method, typed by the generated trait.
+pub struct Stream<T> {
+    sink: StreamSink,
+    _item: std::marker::PhantomData<fn(T)>,
+}
+
+impl<T: Message> Stream<T> {
+    pub fn new(sink: StreamSink) -> Stream<T> {
+        Stream {
+            sink,
+            _item: std::marker::PhantomData,
+        }
+    }
+
+    /// Sends one item (`more = true`); waits while the channel is full.
+    pub async fn send(&self, item: &T) -> Result<(), Status> {
+        self.sink.send(item).await
+    }
+}
+
 impl StreamSink {
     pub async fn send<T: Message>(&self, message: &T) -> Result<(), Status> {
-        let reply = Reply {
-            id: self.id,
-            message: message.encode_to_vec(),
-            code: 0,
-            error: String::new(),
-            more: true,
-        };
+        let reply = frame::reply(self.id, Ok(message.encode_to_vec()), true);
         self.shared.send_reply(reply, Vec::new()).await
     }
 }
@@ -180,8 +199,7 @@ struct Shared {
 }
 
 impl Shared {
-    async fn send_frame(&self, frame: &Frame, fds: &[OwnedFd]) -> Result<(), Status> {
-        let bytes = frame.encode_to_vec();
+    async fn send_frame(&self, bytes: Vec<u8>, fds: &[OwnedFd]) -> Result<(), Status> {
         if bytes.len() > MAX_DATAGRAM {
             return Err(Status::resource_exhausted(format!(
                 "Message of {} bytes exceeds the {MAX_DATAGRAM}-byte datagram limit",
@@ -201,29 +219,14 @@ impl Shared {
     async fn send_reply(&self, reply: Reply, fds: Vec<OwnedFd>) -> Result<(), Status> {
         let (id, more) = (reply.id, reply.more);
         match self
-            .send_frame(
-                &Frame {
-                    kind: Some(Kind::Reply(reply)),
-                },
-                &fds,
-            )
+            .send_frame(frame::encode(Kind::Reply(reply)), &fds)
             .await
         {
             Err(status) if status.code == Code::ResourceExhausted && !more => {
-                let error = Reply {
-                    id,
-                    message: Vec::new(),
-                    code: status.code as i32,
-                    error: format!("Reply too large: {status}"),
-                    more: false,
-                };
-                self.send_frame(
-                    &Frame {
-                        kind: Some(Kind::Reply(error)),
-                    },
-                    &[],
-                )
-                .await
+                let error = Status::resource_exhausted(format!("Reply too large: {status}"));
+                let error = frame::reply(id, Err(error), false);
+                self.send_frame(frame::encode(Kind::Reply(error)), &[])
+                    .await
             }
             other => other,
         }
@@ -347,19 +350,9 @@ impl Peer {
             done: false,
             _method: std::marker::PhantomData,
         };
-        let call = Call {
-            id,
-            method: M::PATH.to_owned(),
-            message: request.encode_to_vec(),
-        };
         // On failure `replies` is dropped, which forgets the pending id.
         shared
-            .send_frame(
-                &Frame {
-                    kind: Some(Kind::Call(call)),
-                },
-                &fds,
-            )
+            .send_frame(frame::call::<M>(id, request), &fds)
             .await?;
         Ok(replies)
     }
@@ -385,31 +378,14 @@ impl<M: Method> Replies<M> {
             self.done = true;
             return Some(Err(closed_status()));
         };
-        if !reply.more || !M::STREAMING {
+        if !reply.more || !M::STREAMING || reply.code != Code::Ok as i32 {
             self.done = true;
         }
-        if reply.code != 0 {
-            self.done = true;
-            return Some(Err(Status::new(Code::from_i32(reply.code), reply.error)));
-        }
-        if M::STREAMING && !reply.more {
+        if M::STREAMING && !reply.more && reply.code == Code::Ok as i32 {
             // The final reply of a stream only says "done".
             return None;
         }
-        // A reply that does not decode, or whose descriptors do not match, is the
-        // answering side's fault: INTERNAL, not the caller's INVALID_ARGUMENT.
-        let malformed = |e: &dyn std::fmt::Display| {
-            Status::internal(format!("Malformed {} reply: {e}", M::PATH))
-        };
-        Some(
-            M::Response::decode(&reply.message[..])
-                .map_err(|e| malformed(&e))
-                .and_then(|message| {
-                    Fds::claim(&message, fds)
-                        .map(|fds| (message, fds))
-                        .map_err(|e| malformed(&e))
-                }),
-        )
+        Some(frame::reply_result::<M>(reply, fds))
     }
 }
 
@@ -488,14 +464,10 @@ async fn read_frames(
                 break;
             }
         };
-        let frame = match Frame::decode(&datagram.bytes[..]) {
-            Ok(Frame { kind: Some(kind) }) => kind,
-            Ok(Frame { kind: None }) => {
-                tracing::warn!("closing channel: frame is neither call nor reply");
-                break;
-            }
+        let frame = match frame::decode(&datagram.bytes) {
+            Ok(kind) => kind,
             Err(e) => {
-                tracing::warn!("closing channel: undecodable frame: {e}");
+                tracing::warn!("closing channel: {e}");
                 break;
             }
         };
@@ -548,26 +520,8 @@ async fn read_frames(
                         ))),
                     };
                     let (reply, fds) = match result {
-                        Ok(r) => (
-                            Reply {
-                                id,
-                                message: r.message,
-                                code: 0,
-                                error: String::new(),
-                                more: false,
-                            },
-                            r.fds,
-                        ),
-                        Err(s) => (
-                            Reply {
-                                id,
-                                message: Vec::new(),
-                                code: s.code as i32,
-                                error: s.message,
-                                more: false,
-                            },
-                            Vec::new(),
-                        ),
+                        Ok(r) => (frame::reply(id, Ok(r.message), false), r.fds),
+                        Err(s) => (frame::reply(id, Err(s), false), Vec::new()),
                     };
                     let _ = shared.send_reply(reply, fds).await;
                     drop(slot);

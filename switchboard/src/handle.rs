@@ -12,11 +12,10 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use flower_proto::fds::{Fds, OutFds};
-use flower_proto::rpc::{Method, Peer, Request, Response, Service, StreamSink};
+use flower_proto::rpc::{Answer, Method, Peer, Stream};
 use flower_proto::switchboard::{self as sb, Right, rpc};
 use flower_proto::transport::{Channel, stream_pair};
 use flower_proto::{Code, Labels, Status, egress, resolver, server};
-use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
 use crate::directory::{Lookup, TargetId};
@@ -35,30 +34,10 @@ pub(crate) struct Handle {
     pub scope: CancellationToken,
 }
 
-impl Service for Handle {
-    fn call(
-        self: Arc<Self>,
-        request: Request,
-        stream: StreamSink,
-    ) -> BoxFuture<'static, Result<Response, Status>> {
-        Box::pin(async move {
-            match request.method.as_str() {
-                rpc::Constrain::PATH => self.constrain(request),
-                rpc::ClientConnect::PATH => self.client_connect(request).await,
-                rpc::IngressConnect::PATH => self.ingress_connect(request).await,
-                rpc::ServerStart::PATH => self.register(request, TargetKind::Server),
-                rpc::EgressStart::PATH => self.register(request, TargetKind::Egress),
-                rpc::ResolverStart::PATH => self.resolver_start(request),
-                rpc::List::PATH => self.list(request, stream).await,
-                other => Err(Status::unimplemented(format!("Unknown method {other}"))),
-            }
-        })
-    }
-}
-
-impl Handle {
-    fn constrain(&self, request: Request) -> Result<Response, Status> {
-        let (req, _) = request.decode::<rpc::Constrain>()?;
+/// The switchboard service on one handle's channel. Every method checks its right
+/// first; the generated `rpc::Serve` has already decoded the request.
+impl rpc::Switchboard for Handle {
+    async fn constrain(&self, req: sb::ConstrainRequest, _: Fds) -> Answer<sb::ConstrainResponse> {
         let rights = Rights::from_wire(&req.rights)?;
         self.rights.require(rights)?;
         let in_labels = derive_fixed(&self.in_labels, &req.in_labels, "In")?;
@@ -79,65 +58,79 @@ impl Handle {
         };
         child.serve(channel);
         let mut fds = OutFds::new();
-        Ok(Response::new(
-            &sb::ConstrainResponse {
-                switchboard: fds.push(theirs),
-            },
-            fds.into_vec(),
-        ))
+        let switchboard = fds.push(theirs);
+        Ok((sb::ConstrainResponse { switchboard }, fds))
     }
 
-    /// Serves `channel` as this handle until it closes or the scope is revoked.
-    pub fn serve(self, channel: Channel) {
-        let scope = self.scope.clone();
-        Peer::serve(channel, Arc::new(self), &scope);
+    async fn client_connect(
+        &self,
+        req: sb::ClientConnectRequest,
+        _: Fds,
+    ) -> Answer<sb::ClientConnectResponse> {
+        self.rights.require_one(Right::ClientConnect)?;
+        let candidates = self.candidates(&req.out_labels).await?;
+        // Every attempt has its own socketpair, so any failure may move on.
+        first_success(candidates, |_| false, |out, _| self.client_connect_to(out)).await
     }
 
-    fn register(&self, request: Request, kind: TargetKind) -> Result<Response, Status> {
-        self.rights.require_one(match kind {
-            TargetKind::Server => Right::ServerStart,
-            TargetKind::Egress => Right::EgressStart,
-        })?;
-        let requested = match kind {
-            TargetKind::Server => request.decode::<rpc::ServerStart>()?.0.in_labels,
-            TargetKind::Egress => request.decode::<rpc::EgressStart>()?.0.in_labels,
+    async fn ingress_connect(
+        &self,
+        req: sb::IngressConnectRequest,
+        mut fds: Fds,
+    ) -> Answer<sb::IngressConnectResponse> {
+        self.rights.require_one(Right::IngressConnect)?;
+        let client = fds.take_socket(req.client, "client")?;
+        let candidates = self.candidates(&req.out_labels).await?;
+        let mut client = Some(client);
+        // A server that timed out may still take the duplicate it was sent; offering
+        // the same TCP connection to a second server would let two servers share it.
+        let delivered = |status: &Status| status.code == Code::DeadlineExceeded;
+        let labels = first_success(candidates, delivered, |out, last| {
+            // Every attempt but the last gets a duplicate, so a refusal leaves us the
+            // socket to offer the next candidate.
+            let socket = match last {
+                true => Ok(client.take().expect("one last attempt")),
+                false => client
+                    .as_ref()
+                    .expect("socket kept")
+                    .try_clone()
+                    .map_err(|e| exhausted("Cannot duplicate the client", &e)),
+            };
+            async move { self.ingress_connect_to(socket?, out).await }
+        })
+        .await?;
+        let response = sb::IngressConnectResponse {
+            connection_labels: labels,
         };
-        let labels = merge_fixed(&self.in_labels, &requested, "In")?;
-        let (peer, theirs) = self.registration_channel()?;
-        let entry = TargetEntry {
-            kind,
-            peer: peer.clone(),
-        };
-        let id = self
-            .shared
-            .directory
-            .lock()
-            .unwrap()
-            .insert(labels, entry)
-            .map_err(|_| {
-                Status::failed_precondition("Another target with no conflicting labels exists")
-            })?;
-        let shared = self.shared.clone();
-        peer.on_close(move || {
-            shared.directory.lock().unwrap().remove(id);
-            tracing::debug!(id, "target removed");
-        });
-        let mut fds = OutFds::new();
-        let fd = fds.push(theirs);
-        let response = match kind {
-            TargetKind::Server => {
-                Response::new(&sb::ServerStartResponse { server: fd }, fds.into_vec())
-            }
-            TargetKind::Egress => {
-                Response::new(&sb::EgressStartResponse { egress: fd }, fds.into_vec())
-            }
-        };
-        Ok(response)
+        Ok((response, OutFds::new()))
     }
 
-    fn resolver_start(&self, request: Request) -> Result<Response, Status> {
+    async fn server_start(
+        &self,
+        req: sb::ServerStartRequest,
+        _: Fds,
+    ) -> Answer<sb::ServerStartResponse> {
+        self.rights.require_one(Right::ServerStart)?;
+        let (server, fds) = self.register(req.in_labels, TargetKind::Server)?;
+        Ok((sb::ServerStartResponse { server }, fds))
+    }
+
+    async fn egress_start(
+        &self,
+        req: sb::EgressStartRequest,
+        _: Fds,
+    ) -> Answer<sb::EgressStartResponse> {
+        self.rights.require_one(Right::EgressStart)?;
+        let (egress, fds) = self.register(req.in_labels, TargetKind::Egress)?;
+        Ok((sb::EgressStartResponse { egress }, fds))
+    }
+
+    async fn resolver_start(
+        &self,
+        req: sb::ResolverStartRequest,
+        _: Fds,
+    ) -> Answer<sb::ResolverStartResponse> {
         self.rights.require_one(Right::ResolverStart)?;
-        let (req, _) = request.decode::<rpc::ResolverStart>()?;
         let mut keys = req.resolve_labels;
         if keys.is_empty() {
             return Err(Status::invalid_argument("Resolve labels must not be empty"));
@@ -169,10 +162,65 @@ impl Handle {
             tracing::debug!(id, "resolver removed");
         });
         let mut fds = OutFds::new();
-        let response = sb::ResolverStartResponse {
-            resolver: fds.push(theirs),
+        let resolver = fds.push(theirs);
+        Ok((sb::ResolverStartResponse { resolver }, fds))
+    }
+
+    async fn list(
+        &self,
+        req: sb::ListRequest,
+        _: Fds,
+        stream: Stream<sb::ListResponse>,
+    ) -> Result<(), Status> {
+        self.rights.require_one(Right::List)?;
+        let out = merge_fixed(&self.out_labels, &req.out_labels, "Out")?;
+        let all: Vec<Labels> = {
+            let mut directory = self.shared.directory.lock().unwrap();
+            let ids = directory.matching(&out);
+            ids.into_iter()
+                .map(|id| directory.get(id).unwrap().labels.clone())
+                .collect()
         };
-        Ok(Response::new(&response, fds.into_vec()))
+        for labels in all {
+            stream.send(&sb::ListResponse { labels }).await?;
+        }
+        Ok(())
+    }
+}
+
+impl Handle {
+    /// Serves `channel` as this handle until it closes or the scope is revoked.
+    pub fn serve(self, channel: Channel) {
+        let scope = self.scope.clone();
+        Peer::serve(channel, Arc::new(rpc::Serve(self)), &scope);
+    }
+
+    /// Registers a target of `kind` under the handle's in-labels and `requested`;
+    /// returns the registrant's end of its registration channel.
+    fn register(&self, requested: Labels, kind: TargetKind) -> Answer<Option<flower_proto::Fd>> {
+        let labels = merge_fixed(&self.in_labels, &requested, "In")?;
+        let (peer, theirs) = self.registration_channel()?;
+        let entry = TargetEntry {
+            kind,
+            peer: peer.clone(),
+        };
+        let id = self
+            .shared
+            .directory
+            .lock()
+            .unwrap()
+            .insert(labels, entry)
+            .map_err(|_| {
+                Status::failed_precondition("Another target with no conflicting labels exists")
+            })?;
+        let shared = self.shared.clone();
+        peer.on_close(move || {
+            shared.directory.lock().unwrap().remove(id);
+            tracing::debug!(id, "target removed");
+        });
+        let mut fds = OutFds::new();
+        let fd = fds.push(theirs);
+        Ok((fd, fds))
     }
 
     /// A channel on which the switchboard will call a registrant, and the registrant's
@@ -250,15 +298,7 @@ impl Handle {
         Ok((target.value.clone(), connection_labels))
     }
 
-    async fn client_connect(&self, request: Request) -> Result<Response, Status> {
-        self.rights.require_one(Right::ClientConnect)?;
-        let (req, _) = request.decode::<rpc::ClientConnect>()?;
-        let candidates = self.candidates(&req.out_labels).await?;
-        // Every attempt has its own socketpair, so any failure may move on.
-        first_success(candidates, |_| false, |out, _| self.client_connect_to(out)).await
-    }
-
-    async fn client_connect_to(&self, out: Labels) -> Result<Response, Status> {
+    async fn client_connect_to(&self, out: Labels) -> Answer<sb::ClientConnectResponse> {
         let (target, labels) = self.lookup(out)?;
         let socket = match target.kind {
             TargetKind::Server => {
@@ -288,36 +328,7 @@ impl Handle {
             server: fds.push(socket),
             connection_labels: labels,
         };
-        Ok(Response::new(&response, fds.into_vec()))
-    }
-
-    async fn ingress_connect(&self, request: Request) -> Result<Response, Status> {
-        self.rights.require_one(Right::IngressConnect)?;
-        let (req, mut fds) = request.decode::<rpc::IngressConnect>()?;
-        let client = fds.take_socket(req.client, "client")?;
-        let candidates = self.candidates(&req.out_labels).await?;
-        let mut client = Some(client);
-        // A server that timed out may still take the duplicate it was sent; offering
-        // the same TCP connection to a second server would let two servers share it.
-        let delivered = |status: &Status| status.code == Code::DeadlineExceeded;
-        let labels = first_success(candidates, delivered, |out, last| {
-            // Every attempt but the last gets a duplicate, so a refusal leaves us the
-            // socket to offer the next candidate.
-            let socket = match last {
-                true => Ok(client.take().expect("one last attempt")),
-                false => client
-                    .as_ref()
-                    .expect("socket kept")
-                    .try_clone()
-                    .map_err(|e| exhausted("Cannot duplicate the client", &e)),
-            };
-            async move { self.ingress_connect_to(socket?, out).await }
-        })
-        .await?;
-        let response = sb::IngressConnectResponse {
-            connection_labels: labels,
-        };
-        Ok(Response::new(&response, Vec::new()))
+        Ok((response, fds))
     }
 
     async fn ingress_connect_to(&self, client: OwnedFd, out: Labels) -> Result<Labels, Status> {
@@ -368,23 +379,6 @@ impl Handle {
             ),
             Ok(result) => result,
         }
-    }
-
-    async fn list(&self, request: Request, stream: StreamSink) -> Result<Response, Status> {
-        self.rights.require_one(Right::List)?;
-        let (req, _) = request.decode::<rpc::List>()?;
-        let out = merge_fixed(&self.out_labels, &req.out_labels, "Out")?;
-        let all: Vec<Labels> = {
-            let mut directory = self.shared.directory.lock().unwrap();
-            let ids = directory.matching(&out);
-            ids.into_iter()
-                .map(|id| directory.get(id).unwrap().labels.clone())
-                .collect()
-        };
-        for labels in all {
-            stream.send(&sb::ListResponse { labels }).await?;
-        }
-        Ok(Response::default())
     }
 }
 
