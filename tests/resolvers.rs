@@ -345,6 +345,7 @@ async fn an_ingress_socket_is_never_offered_to_a_second_server_after_a_timeout()
     let silent = raw_connect(&daemon.path).await;
     let request = flower_proto::switchboard::ServerStartRequest {
         in_labels: labels(&[("app", "web"), ("pod", "a")]),
+        ..Default::default()
     };
     let start = flower_proto::switchboard::rpc::ServerStart::PATH;
     send_raw(&silent, &call_frame(1, start, request.encode_to_vec()), &[]).await;

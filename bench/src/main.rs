@@ -86,6 +86,11 @@ enum Command {
         tcp: Option<String>,
         #[arg(long)]
         fd: Option<i32>,
+        #[arg(long)]
+        unix: Option<PathBuf>,
+        /// With --switchboard: register with `backlog`.
+        #[arg(long)]
+        backlog: bool,
         #[arg(long, value_enum, default_value = "drop")]
         behavior: Behavior,
         #[arg(long, default_value_t = 65536)]
@@ -315,14 +320,17 @@ fn run(command: Command) -> Result<()> {
             label,
             tcp,
             fd,
+            unix,
+            backlog,
             behavior,
             chunk,
         } => {
-            let source = match (&switchboard, &tcp, fd) {
-                (Some(path), None, None) => Source::Switchboard(path, &label),
-                (None, Some(address), None) => Source::Tcp(address),
-                (None, None, Some(fd)) => Source::Fd(fd),
-                _ => anyhow::bail!("serve needs exactly one of --switchboard, --tcp, --fd"),
+            let source = match (&switchboard, &tcp, fd, &unix) {
+                (Some(path), None, None, None) => Source::Switchboard(path, &label, backlog),
+                (None, Some(address), None, None) => Source::Tcp(address),
+                (None, None, Some(fd), None) => Source::Fd(fd),
+                (None, None, None, Some(path)) => Source::Unix(path),
+                _ => anyhow::bail!("serve needs exactly one of --switchboard, --tcp, --fd, --unix"),
             };
             dataplane::serve_main(source, behavior, chunk)?
         }

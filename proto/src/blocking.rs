@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use nix::sys::socket::{self, SockType};
 
-use crate::client::{ConnectError, Connection};
+use crate::client::{ConnectError, Connection, ServerOptions};
 use crate::fds::Fds;
 use crate::frame::{self, Kind};
 use crate::rpc::{Method, Request};
@@ -104,8 +104,19 @@ impl Switchboard {
     /// [`crate::client::Switchboard::server_start`] does; connections arrive through
     /// [`Server::accept`]. The target disappears when the `Server` is dropped.
     pub fn server_start(&mut self, in_labels: &Labels) -> Result<Server, Status> {
+        self.server_start_with(in_labels, &ServerOptions::default())
+    }
+
+    /// [`Switchboard::server_start`] with options, as
+    /// [`crate::client::Switchboard::server_start_with`].
+    pub fn server_start_with(
+        &mut self,
+        in_labels: &Labels,
+        options: &ServerOptions,
+    ) -> Result<Server, Status> {
         let request = sb::ServerStartRequest {
             in_labels: in_labels.clone(),
+            backlog: options.backlog,
         };
         let (reply, mut fds) = self.rpc().server_start(&request, Vec::new())?;
         let fd = fds.take(reply.server, "server")?;

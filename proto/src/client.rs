@@ -53,6 +53,15 @@ pub struct Switchboard {
     peer: Peer,
 }
 
+/// How a server registers (see [`Switchboard::server_start_with`]).
+#[derive(Debug, Clone, Default)]
+pub struct ServerOptions {
+    /// Like a TCP listen backlog: clients are handed their end as soon as this
+    /// server's Connect is queued, without waiting for it to be taken. A connection
+    /// the server then never takes ends for its client as end of stream.
+    pub backlog: bool,
+}
+
 /// An established connection: the stream socket and the labels of the match.
 #[derive(Debug)]
 pub struct Connection {
@@ -77,8 +86,9 @@ impl Switchboard {
     }
 
     fn from_channel(channel: Channel) -> Switchboard {
+        // Calls read their own replies: no reader task to wake per call.
         Switchboard {
-            peer: Peer::spawn(channel, None, &CancellationToken::new()),
+            peer: Peer::client(channel),
         }
     }
 
@@ -132,8 +142,19 @@ impl Switchboard {
     /// Registers a server under `in_labels`; connections arrive through the returned
     /// [`Server`]. The target disappears when the `Server` is dropped.
     pub async fn server_start(&self, in_labels: &Labels) -> Result<Server, Status> {
+        self.server_start_with(in_labels, &ServerOptions::default())
+            .await
+    }
+
+    /// [`Switchboard::server_start`] with options.
+    pub async fn server_start_with(
+        &self,
+        in_labels: &Labels,
+        options: &ServerOptions,
+    ) -> Result<Server, Status> {
         let request = sb::ServerStartRequest {
             in_labels: in_labels.clone(),
+            backlog: options.backlog,
         };
         let (reply, mut fds) = self.rpc().server_start(&request, Vec::new()).await?;
         let (tx, incoming) = mpsc::channel(QUEUE);

@@ -1,10 +1,19 @@
 //! Calls and replies over a [`Channel`] (DESIGN §5).
 //!
-//! A [`Peer`] owns one channel and one reader task. The reader routes replies to the
-//! calls waiting for them (so callers may pipeline and replies may come in any order)
-//! and hands incoming calls to a [`Service`], each in its own task, at most
-//! [`MAX_CALLS_IN_FLIGHT`] at once: past that the reader stops reading and the
-//! kernel's socket buffer pushes back on the sender.
+//! A [`Peer`] owns one channel. Replies are routed to the calls waiting for them (so
+//! callers may pipeline and replies may come in any order), by one of two readers:
+//!
+//! * a **reader task** ([`Peer::spawn`], [`Peer::serve`]), for channels that answer
+//!   calls or must notice at once when the other side hangs up (the switchboard's
+//!   registration channels). It hands incoming calls to a [`Service`], at most
+//!   [`MAX_CALLS_IN_FLIGHT`] at once: past that it stops reading and the kernel's
+//!   socket buffer pushes back on the sender. A call whose service answers on its
+//!   first poll is answered inline; only one that must wait gets a task of its own.
+//! * the **callers themselves** ([`Peer::client`]), for a client's handle: a caller
+//!   that has sent its call takes the channel's read lock and reads until its reply
+//!   arrives, handing any other caller's reply on. A lone caller is woken by the
+//!   reactor directly, with no second task and no cross-thread hand-off; a hang-up is
+//!   noticed on the next call or [`Peer::is_closed`].
 //!
 //! Framing violations (undecodable frame, oversize datagram, too many descriptors,
 //! truncated control data) close the channel: there is no call id to answer. Errors
@@ -23,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::fds::{FdFields, Fds, OutFds};
 use crate::frame::{self, Kind};
-use crate::transport::{Channel, MAX_DATAGRAM, RecvError};
+use crate::transport::{Channel, MAX_DATAGRAM, Received, RecvError};
 use crate::{Code, Reply, Status};
 
 /// Incoming calls served concurrently on one channel.
@@ -196,6 +205,9 @@ struct Shared {
     /// Incoming calls in flight (permits are returned by [`CallSlot`]).
     calls: Semaphore,
     on_close: Mutex<OnClose>,
+    /// Callers read the channel themselves (no reader task), holding `read_lock`.
+    direct: bool,
+    read_lock: tokio::sync::Mutex<()>,
 }
 
 impl Shared {
@@ -238,6 +250,59 @@ impl Shared {
         // Waiting callers see their reply sender dropped: UNAVAILABLE.
         self.pending.lock().unwrap().clear();
     }
+
+    /// Hands a reply to the call waiting for it. A send error means the caller gave
+    /// up; the descriptors close here.
+    fn route(&self, reply: Reply, fds: Vec<OwnedFd>) {
+        let mut pending = self.pending.lock().unwrap();
+        let tx = if reply.more {
+            pending.get(&reply.id).cloned()
+        } else {
+            pending.remove(&reply.id)
+        };
+        drop(pending);
+        match tx {
+            Some(tx) => drop(tx.send((reply, fds))),
+            None => tracing::debug!(id = reply.id, "reply to no outstanding call, dropped"),
+        }
+    }
+
+    /// What a caller-read channel does with one received datagram: replies are routed,
+    /// calls refused (nothing is served on a client's handle). `false`: the channel is
+    /// finished (closed, reset or broken) and has been closed.
+    fn take_direct(self: &Arc<Self>, received: Received) -> bool {
+        let datagram = match received {
+            Ok(Some(d)) => d,
+            Ok(None) => return self.finish(None),
+            Err(e) => return self.finish(Some(e.to_string())),
+        };
+        match frame::decode(&datagram.bytes) {
+            Ok(Kind::Reply(reply)) => self.route(reply, datagram.fds),
+            Ok(Kind::Call(call)) => {
+                drop(datagram.fds);
+                let shared = self.clone();
+                let refusal = Status::unimplemented(format!(
+                    "Method {} is not served on this channel",
+                    call.method
+                ));
+                tokio::spawn(async move {
+                    let _ = shared
+                        .send_reply(frame::reply(call.id, Err(refusal), false), Vec::new())
+                        .await;
+                });
+            }
+            Err(e) => return self.finish(Some(e.to_string())),
+        }
+        true
+    }
+
+    fn finish(&self, why: Option<String>) -> bool {
+        if let Some(why) = why {
+            tracing::debug!("closing channel: {why}");
+        }
+        self.close();
+        false
+    }
 }
 
 fn closed_status() -> Status {
@@ -279,6 +344,17 @@ impl Peer {
         }
     }
 
+    /// A calling side with no reader task: each caller reads the channel itself until
+    /// its reply arrives (see the module documentation). Nothing is served on it, and
+    /// a hang-up is noticed by the next call, [`Peer::closed`] or [`Peer::is_closed`].
+    pub fn client(channel: Channel) -> Peer {
+        Peer {
+            owner: Arc::new(Owner {
+                shared: new_shared(channel, true),
+            }),
+        }
+    }
+
     /// Serves `service` on `channel` with no calling side and no owner: the channel
     /// lives until the other end closes it or `parent` is cancelled.
     pub fn serve(channel: Channel, service: Arc<dyn Service>, parent: &CancellationToken) {
@@ -292,11 +368,35 @@ impl Peer {
 
     /// Resolves once the channel is closed, by either side.
     pub async fn closed(&self) {
-        self.owner.shared.states.closed().await
+        let shared = &self.owner.shared;
+        if !shared.direct {
+            return shared.states.closed().await;
+        }
+        // Nobody else may be reading: read (routing replies) until the end.
+        while !shared.states.is_closed() {
+            tokio::select! {
+                guard = shared.read_lock.lock() => {
+                    while shared.take_direct(shared.channel.recv().await) {}
+                    drop(guard);
+                }
+                () = shared.states.closed() => {}
+            }
+        }
     }
 
     pub fn is_closed(&self) -> bool {
-        self.owner.shared.states.is_closed()
+        let shared = &self.owner.shared;
+        if shared.direct && !shared.states.is_closed() {
+            // Look without waiting, unless a caller is reading right now.
+            if let Ok(_guard) = shared.read_lock.try_lock() {
+                while let Some(received) = shared.channel.try_recv() {
+                    if !shared.take_direct(received) {
+                        break;
+                    }
+                }
+            }
+        }
+        shared.states.is_closed()
     }
 
     /// Runs `hook` once the channel is closed and its reader has stopped (at once if
@@ -321,6 +421,21 @@ impl Peer {
     ) -> Result<(M::Response, Fds), Status> {
         let mut replies = self.start::<M>(request, fds).await?;
         replies.next().await.unwrap_or_else(|| Err(closed_status()))
+    }
+
+    /// Sends a call without waiting for its reply, which is discarded when it comes.
+    /// For calls whose outcome the caller learns some other way.
+    pub async fn send_only<M: Method>(
+        &self,
+        request: &M::Request,
+        fds: Vec<OwnedFd>,
+    ) -> Result<(), Status> {
+        let shared = &self.owner.shared;
+        if shared.states.is_closed() {
+            return Err(closed_status());
+        }
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        shared.send_frame(frame::call::<M>(id, request), &fds).await
     }
 
     /// A streaming call: the replies arrive through the returned stream.
@@ -374,7 +489,11 @@ impl<M: Method> Replies<M> {
         if self.done {
             return None;
         }
-        let Some((reply, fds)) = self.rx.recv().await else {
+        let received = match self.shared.direct {
+            false => self.rx.recv().await,
+            true => self.read_direct().await,
+        };
+        let Some((reply, fds)) = received else {
             self.done = true;
             return Some(Err(closed_status()));
         };
@@ -389,6 +508,32 @@ impl<M: Method> Replies<M> {
     }
 }
 
+impl<M: Method> Replies<M> {
+    /// Waits for the next reply on a caller-read channel: delivered by whoever holds
+    /// the read lock, or read here once this call holds it.
+    async fn read_direct(&mut self) -> Option<(Reply, Vec<OwnedFd>)> {
+        let shared = self.shared.clone();
+        tokio::select! {
+            biased;
+            reply = self.rx.recv() => reply,
+            guard = shared.read_lock.lock() => {
+                loop {
+                    // Routed to us before we held the lock, or by our own read.
+                    match self.rx.try_recv() {
+                        Ok(reply) => return Some(reply),
+                        Err(mpsc::error::TryRecvError::Disconnected) => return None,
+                        Err(mpsc::error::TryRecvError::Empty) => {}
+                    }
+                    if !shared.take_direct(shared.channel.recv().await) {
+                        drop(guard);
+                        return self.rx.try_recv().ok();
+                    }
+                }
+            }
+        }
+    }
+}
+
 impl<M: Method> Drop for Replies<M> {
     fn drop(&mut self) {
         self.shared.pending.lock().unwrap().remove(&self.id);
@@ -400,16 +545,22 @@ fn start_reader(
     service: Option<Arc<dyn Service>>,
     parent: &CancellationToken,
 ) -> Arc<Shared> {
-    let shared = Arc::new(Shared {
+    let shared = new_shared(channel, false);
+    tokio::spawn(read_loop(shared.clone(), service, parent.clone()));
+    shared
+}
+
+fn new_shared(channel: Channel, direct: bool) -> Arc<Shared> {
+    Arc::new(Shared {
         channel,
         pending: Mutex::new(HashMap::new()),
         next_id: AtomicU64::new(1),
         states: States::default(),
         calls: Semaphore::new(MAX_CALLS_IN_FLIGHT),
         on_close: Mutex::new(OnClose::Pending(None)),
-    });
-    tokio::spawn(read_loop(shared.clone(), service, parent.clone()));
-    shared
+        direct,
+        read_lock: tokio::sync::Mutex::new(()),
+    })
 }
 
 /// An incoming call's place among the [`MAX_CALLS_IN_FLIGHT`]; freed on drop.
@@ -472,20 +623,7 @@ async fn read_frames(
             }
         };
         match frame {
-            Kind::Reply(reply) => {
-                let mut pending = shared.pending.lock().unwrap();
-                let tx = if reply.more {
-                    pending.get(&reply.id).cloned()
-                } else {
-                    pending.remove(&reply.id)
-                };
-                drop(pending);
-                match tx {
-                    // A send error means the caller gave up; the descriptors close here.
-                    Some(tx) => drop(tx.send((reply, datagram.fds))),
-                    None => tracing::debug!(id = reply.id, "reply to no outstanding call, dropped"),
-                }
-            }
+            Kind::Reply(reply) => shared.route(reply, datagram.fds),
             Kind::Call(call) => {
                 tokio::select! {
                     p = shared.calls.acquire() => p.expect("semaphore never closed").forget(),
@@ -493,40 +631,52 @@ async fn read_frames(
                     () = parent.cancelled() => break,
                 };
                 let slot = CallSlot(shared.clone());
-                let shared = shared.clone();
-                let service = service.clone();
-                tokio::spawn(async move {
-                    let id = call.id;
-                    let request = Request {
-                        method: call.method,
-                        message: call.message,
-                        fds: datagram.fds,
-                    };
-                    let result = match service {
-                        Some(service) => {
-                            let sink = StreamSink {
-                                shared: shared.clone(),
-                                id,
-                            };
-                            tokio::select! {
-                                r = service.call(request, sink) => r,
+                let id = call.id;
+                let request = Request {
+                    method: call.method,
+                    message: call.message,
+                    fds: datagram.fds,
+                };
+                let Some(service) = service.clone() else {
+                    let refusal = Status::unimplemented(format!(
+                        "Method {} is not served on this channel",
+                        request.method
+                    ));
+                    answer(shared, id, Err(refusal), slot).await;
+                    continue;
+                };
+                let sink = StreamSink {
+                    shared: shared.clone(),
+                    id,
+                };
+                let mut work = service.call(request, sink);
+                // Most calls (a server taking a connection, a registration) finish on
+                // their first poll: answer those here, with no task to spawn and wake.
+                match futures::poll!(&mut work) {
+                    std::task::Poll::Ready(result) => answer(shared, id, result, slot).await,
+                    std::task::Poll::Pending => {
+                        let shared = shared.clone();
+                        tokio::spawn(async move {
+                            let result = tokio::select! {
+                                r = work => r,
                                 // The caller is gone: abandon the work, close its descriptors.
                                 () = shared.states.closed() => return,
-                            }
-                        }
-                        None => Err(Status::unimplemented(format!(
-                            "Method {} is not served on this channel",
-                            request.method
-                        ))),
-                    };
-                    let (reply, fds) = match result {
-                        Ok(r) => (frame::reply(id, Ok(r.message), false), r.fds),
-                        Err(s) => (frame::reply(id, Err(s), false), Vec::new()),
-                    };
-                    let _ = shared.send_reply(reply, fds).await;
-                    drop(slot);
-                });
+                            };
+                            answer(&shared, id, result, slot).await;
+                        });
+                    }
+                }
             }
         }
     }
+}
+
+/// Sends the final reply of call `id`, then frees its slot.
+async fn answer(shared: &Arc<Shared>, id: u64, result: Result<Response, Status>, slot: CallSlot) {
+    let (reply, fds) = match result {
+        Ok(r) => (frame::reply(id, Ok(r.message), false), r.fds),
+        Err(s) => (frame::reply(id, Err(s), false), Vec::new()),
+    };
+    let _ = shared.send_reply(reply, fds).await;
+    drop(slot);
 }

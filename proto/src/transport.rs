@@ -175,6 +175,20 @@ impl Channel {
         }
     }
 
+    /// Receives one datagram if one is waiting, without waiting (`None`: nothing yet).
+    /// Readiness is left as it is: a later [`Channel::recv`] finds the queue empty
+    /// and waits properly.
+    pub fn try_recv(&self) -> Option<Received> {
+        if let Some(spare) = self.spare.lock().unwrap().take() {
+            return Some(*spare);
+        }
+        match recv_up_to(self.fd.get_ref().as_raw_fd(), 1, libc::MSG_DONTWAIT) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+            Err(e) => Some(Err(e.into())),
+            Ok((first, _)) => Some(first),
+        }
+    }
+
     /// Shuts both directions down so the peer sees end of stream at once, even while
     /// other tasks still hold this channel.
     pub fn shutdown(&self) {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use flower_proto::fds::{Fds, OutFds};
 use flower_proto::rpc::{Answer, Method, Peer, Stream};
 use flower_proto::switchboard::{self as sb, Right, rpc};
-use flower_proto::transport::{Channel, stream_pair};
+use flower_proto::transport::Channel;
 use flower_proto::{Code, Labels, Status, egress, resolver, server};
 use tokio_util::sync::CancellationToken;
 
@@ -111,7 +111,7 @@ impl rpc::Switchboard for Handle {
         _: Fds,
     ) -> Answer<sb::ServerStartResponse> {
         self.rights.require_one(Right::ServerStart)?;
-        let (server, fds) = self.register(req.in_labels, TargetKind::Server)?;
+        let (server, fds) = self.register(req.in_labels, TargetKind::Server, req.backlog)?;
         Ok((sb::ServerStartResponse { server }, fds))
     }
 
@@ -121,7 +121,7 @@ impl rpc::Switchboard for Handle {
         _: Fds,
     ) -> Answer<sb::EgressStartResponse> {
         self.rights.require_one(Right::EgressStart)?;
-        let (egress, fds) = self.register(req.in_labels, TargetKind::Egress)?;
+        let (egress, fds) = self.register(req.in_labels, TargetKind::Egress, false)?;
         Ok((sb::EgressStartResponse { egress }, fds))
     }
 
@@ -197,12 +197,18 @@ impl Handle {
 
     /// Registers a target of `kind` under the handle's in-labels and `requested`;
     /// returns the registrant's end of its registration channel.
-    fn register(&self, requested: Labels, kind: TargetKind) -> Answer<Option<flower_proto::Fd>> {
+    fn register(
+        &self,
+        requested: Labels,
+        kind: TargetKind,
+        backlog: bool,
+    ) -> Answer<Option<flower_proto::Fd>> {
         let labels = merge_fixed(&self.in_labels, &requested, "In")?;
         let (peer, theirs) = self.registration_channel()?;
         let entry = TargetEntry {
             kind,
             peer: peer.clone(),
+            backlog,
         };
         let id = self
             .shared
@@ -302,10 +308,21 @@ impl Handle {
         let (target, labels) = self.lookup(out)?;
         let socket = match target.kind {
             TargetKind::Server => {
-                let (ours, theirs) =
-                    stream_pair().map_err(|e| exhausted("Cannot create a connection", &e))?;
-                self.server_connect(&target.peer, theirs, labels.clone())
-                    .await?;
+                let (ours, theirs) = self
+                    .shared
+                    .pairs
+                    .take()
+                    .map_err(|e| exhausted("Cannot create a connection", &e))?;
+                match target.backlog {
+                    true => {
+                        self.server_queue(&target.peer, theirs, labels.clone())
+                            .await?
+                    }
+                    false => {
+                        self.server_connect(&target.peer, theirs, labels.clone())
+                            .await?
+                    }
+                }
                 ours
             }
             TargetKind::Egress => {
@@ -359,6 +376,34 @@ impl Handle {
         self.call_registrant::<server::rpc::Connect>(server, &request, fds.into_vec(), "Target")
             .await
             .map(drop)
+    }
+
+    /// Queues `Server.Connect` on a backlog server's channel and does not wait for the
+    /// reply: if the server fails, the client sees end of stream on its end.
+    async fn server_queue(
+        &self,
+        server: &Peer,
+        client: OwnedFd,
+        labels: Labels,
+    ) -> Result<(), Status> {
+        let mut fds = OutFds::new();
+        let request = server::ConnectRequest {
+            client: fds.push(client),
+            connection_labels: labels,
+        };
+        let timeout = self.shared.config.call_timeout;
+        match tokio::time::timeout(
+            timeout,
+            server.send_only::<server::rpc::Connect>(&request, fds.into_vec()),
+        )
+        .await
+        {
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "Target did not take the connection within {timeout:?}"
+            ))),
+            Ok(Err(_)) => Err(Status::unavailable("Target went away during the call")),
+            Ok(Ok(())) => Ok(()),
+        }
     }
 
     /// A call to a registrant (`what` names it in errors), bounded by the timeout.

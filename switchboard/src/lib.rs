@@ -18,6 +18,7 @@ pub mod daemon;
 pub mod directory;
 mod handle;
 pub mod labels;
+mod pairs;
 mod resolvers;
 pub mod rights;
 pub mod systemd;
@@ -64,6 +65,9 @@ pub(crate) enum TargetKind {
 pub(crate) struct TargetEntry {
     pub kind: TargetKind,
     pub peer: Peer,
+    /// A server that takes connections into a backlog: its clients are answered as
+    /// soon as its Connect is queued (`ServerStartRequest.backlog`).
+    pub backlog: bool,
 }
 
 pub(crate) struct Shared {
@@ -71,6 +75,8 @@ pub(crate) struct Shared {
     pub directory: Mutex<Directory<TargetEntry>>,
     pub resolvers: Mutex<resolvers::Resolvers>,
     pub config: Config,
+    /// Connection socketpairs made ahead of time, off the connect path.
+    pub pairs: pairs::Pairs,
 }
 
 /// `e`, with what to do about it when it is a descriptor limit.
@@ -120,6 +126,7 @@ impl Switchboard {
                 directory: Mutex::new(Directory::new()),
                 resolvers: Mutex::default(),
                 config,
+                pairs: pairs::Pairs::new(),
             }),
             root: CancellationToken::new(),
         }
