@@ -114,8 +114,9 @@ impl Switchboard {
             .call::<sb::rpc::ClientConnect>(&request, Vec::new())
             .await?;
         Ok(Connection {
-            // The switchboard made this socket or checked it: no fstat() per connect.
-            socket: fds.take(reply.server, "server")?,
+            // Checked even though the switchboard checks it: a constrained handle may
+            // come from anyone. Two getsockopt() calls per connect.
+            socket: fds.take_connection(reply.server, "server")?,
             labels: reply.connection_labels,
         })
     }
@@ -307,8 +308,9 @@ impl Service for ServerService {
         Box::pin(async move {
             expect_method::<server::rpc::Connect>(&request)?;
             let (message, mut fds) = request.decode::<server::rpc::Connect>()?;
-            // The switchboard made this socket or checked it: no fstat() per connect.
-            let socket = fds.take(message.client, "client")?;
+            // Checked even though the switchboard checks it: the registration may
+            // come from anyone. Two getsockopt() calls per connection.
+            let socket = fds.take_connection(message.client, "client")?;
             let connection = Connection {
                 socket,
                 labels: message.connection_labels,

@@ -71,15 +71,10 @@ pub struct Channel {
 }
 
 impl Channel {
-    /// Wraps a connected socket; fails unless it is a Unix SOCK_SEQPACKET socket.
+    /// Wraps a connected socket; fails unless it is a Unix SOCK_SEQPACKET socket
+    /// ([`check_socket`] with [`SocketKind::Channel`]).
     pub fn new(fd: OwnedFd) -> io::Result<Channel> {
-        let ty = socket::getsockopt(&fd, socket::sockopt::SockType)?;
-        if ty != SockType::SeqPacket {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "descriptor is not a SOCK_SEQPACKET socket",
-            ));
-        }
+        check_socket(fd.as_fd(), SocketKind::Channel)?;
         set_nonblocking(fd.as_fd(), true)?;
         Channel::registered(fd)
     }
@@ -94,7 +89,9 @@ impl Channel {
     /// A connected pair: a channel for this process and the raw other end to hand out.
     pub fn pair() -> io::Result<(Channel, OwnedFd)> {
         let (a, b) = seqpacket_pair()?;
-        Ok((Channel::new(a)?, b))
+        // Made here: nothing to check.
+        set_nonblocking(a.as_fd(), true)?;
+        Ok((Channel::registered(a)?, b))
     }
 
     /// Connects to a listening path.
@@ -184,6 +181,50 @@ impl Channel {
     pub fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.get_ref().as_fd()
     }
+}
+
+/// What a descriptor received from a peer must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketKind {
+    /// A connection handed to an application: `SOCK_STREAM` of `AF_UNIX`, `AF_INET`
+    /// or `AF_INET6`.
+    Connection,
+    /// A switchboard channel: `AF_UNIX` `SOCK_SEQPACKET`.
+    Channel,
+}
+
+impl SocketKind {
+    /// What a descriptor of this kind is, for error messages.
+    pub fn description(self) -> &'static str {
+        match self {
+            SocketKind::Connection => "a SOCK_STREAM socket of AF_UNIX, AF_INET or AF_INET6",
+            SocketKind::Channel => "an AF_UNIX SOCK_SEQPACKET socket",
+        }
+    }
+}
+
+/// Checks that `fd` is a socket of `kind`, with `getsockopt(SO_TYPE)` and
+/// `getsockopt(SO_DOMAIN)` (two syscalls). `fstat` is not enough: an `O_PATH`
+/// descriptor of a socket *file* reports a socket mode, and whoever holds one can
+/// connect through `/proc/self/fd/N` to whatever listens there; `getsockopt` on it
+/// fails with `ENOTSOCK`, as it does for any other non-socket.
+pub fn check_socket(fd: BorrowedFd<'_>, kind: SocketKind) -> io::Result<()> {
+    let refuse = || {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("descriptor is not {}", kind.description()),
+        )
+    };
+    use rustix::net::{AddressFamily as Af, SocketType, sockopt};
+    let ty = sockopt::socket_type(fd).map_err(|_| refuse())?;
+    let domain = sockopt::socket_domain(fd).map_err(|_| refuse())?;
+    let ok = match kind {
+        SocketKind::Connection => {
+            ty == SocketType::STREAM && [Af::UNIX, Af::INET, Af::INET6].contains(&domain)
+        }
+        SocketKind::Channel => ty == SocketType::SEQPACKET && domain == Af::UNIX,
+    };
+    if ok { Ok(()) } else { Err(refuse()) }
 }
 
 fn register(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
@@ -503,6 +544,55 @@ mod tests {
             b.recv().await.unwrap().is_none(),
             "end of stream after the last"
         );
+    }
+
+    /// Only real sockets of the right type and family pass; an `O_PATH` descriptor
+    /// of a socket file (which `fstat` calls a socket) does not.
+    #[test]
+    fn socket_checks_use_type_and_family() {
+        let dir = tempfile_dir();
+        let path = dir.join("listening");
+        let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let o_path = OwnedFd::from(
+            std::os::unix::fs::OpenOptionsExt::custom_flags(
+                std::fs::OpenOptions::new().read(true),
+                libc::O_PATH,
+            )
+            .open(&path)
+            .unwrap(),
+        );
+        let file = OwnedFd::from(std::fs::File::open("/").unwrap());
+        let (seq, _) = seqpacket_pair().unwrap();
+        let (stream, _) = stream_pair().unwrap();
+        let udp = OwnedFd::from(std::net::UdpSocket::bind("127.0.0.1:0").unwrap());
+        let tcp = OwnedFd::from(std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+        let conn = SocketKind::Connection;
+        let chan = SocketKind::Channel;
+        for (fd, kind, ok) in [
+            (&o_path, conn, false),
+            (&o_path, chan, false),
+            (&file, conn, false),
+            (&seq, conn, false),
+            (&seq, chan, true),
+            (&stream, conn, true),
+            (&stream, chan, false),
+            (&udp, conn, false),
+            (&tcp, conn, true),
+        ] {
+            assert_eq!(
+                check_socket(fd.as_fd(), kind).is_ok(),
+                ok,
+                "{fd:?} {kind:?}"
+            );
+        }
+        assert!(Channel::new(o_path).is_err());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    fn tempfile_dir() -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("flower-transport-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
     }
 
     /// Two datagrams that arrive together, each with a descriptor: both are delivered,

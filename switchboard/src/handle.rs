@@ -294,7 +294,7 @@ impl Handle {
     async fn ingress_connect(&self, request: Request) -> Result<Response, Status> {
         self.rights.require_one(Right::IngressConnect)?;
         let (req, mut fds) = request.decode::<rpc::IngressConnect>()?;
-        let client = fds.take_socket(req.client, "client")?;
+        let client = fds.take_connection(req.client, "client")?;
         let candidates = self.candidates(&req.out_labels).await?;
         let mut client = Some(client);
         // A server that timed out may still take the duplicate it was sent; offering
@@ -419,8 +419,8 @@ fn exhausted(what: &str, e: &std::io::Error) -> Status {
     Status::resource_exhausted(format!("{what}: {}", crate::explain_io_error(e)))
 }
 
-/// The socket an egress returned, checked to be a socket before a client gets it.
+/// The socket an egress returned, checked to be a connection before a client gets it.
 fn take_target_socket(fds: &mut Fds, field: Option<flower_proto::Fd>) -> Result<OwnedFd, Status> {
-    fds.take_socket(field, "server")
+    fds.take_connection(field, "server")
         .map_err(|e| Status::internal(format!("Egress replied badly: {e}")))
 }
