@@ -127,3 +127,105 @@ async fn an_egress_cannot_hand_out_an_o_path_descriptor() {
     bystander_works(&root).await;
     daemon.settle_fds(baseline).await;
 }
+
+/// Kills a tool process on drop.
+struct Tool(std::process::Child);
+
+impl Drop for Tool {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Counts connections accepted on `listener` until `stop`.
+fn count_accepts(
+    listener: std::os::unix::net::UnixListener,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<usize> {
+    use std::sync::atomic::Ordering;
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let mut n = 0;
+        while !stop.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok(_) => n += 1,
+                Err(_) => std::thread::sleep(Duration::from_micros(200)),
+            }
+        }
+        n
+    })
+}
+
+/// A process that can write under the allowed prefix swaps a directory and a
+/// symlink to outside it (`renameat2(RENAME_EXCHANGE)`) as fast as it can while
+/// connects name a socket in that directory: none may reach the socket outside.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn egress_unix_paths_cannot_be_swapped_out_of_the_prefix() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let daemon = Daemon::start();
+    let root = daemon.connect().await;
+    let top = daemon.dir.path();
+    let allowed = top.join("allowed");
+    let outside = top.join("outside");
+    std::fs::create_dir_all(allowed.join("d")).unwrap();
+    std::fs::create_dir(&outside).unwrap();
+    std::os::unix::fs::symlink("../outside", allowed.join("link")).unwrap();
+    let inside = std::os::unix::net::UnixListener::bind(allowed.join("d/s")).unwrap();
+    let escaped = std::os::unix::net::UnixListener::bind(outside.join("s")).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let inside = count_accepts(inside, stop.clone());
+    let escaped = count_accepts(escaped, stop.clone());
+
+    let _egress = Tool(
+        std::process::Command::new(FLOWER)
+            .args(["egress", "connect", "--allow-unix-prefix"])
+            .arg(&allowed)
+            .arg(&daemon.path)
+            .arg("net=unix")
+            .env("RUST_LOG", "error")
+            .spawn()
+            .unwrap(),
+    );
+    wait_until_async("egress registration", || async {
+        list(&root, &labels(&[("net", "unix")])).await.len() == 1
+    })
+    .await;
+
+    let swapper = {
+        let (a, b, stop) = (allowed.join("d"), allowed.join("link"), stop.clone());
+        std::thread::spawn(move || {
+            let mut swaps = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                nix::fcntl::renameat2(None, &a, None, &b, nix::fcntl::RenameFlags::RENAME_EXCHANGE)
+                    .unwrap();
+                swaps += 1;
+            }
+            swaps
+        })
+    };
+    let target = labels(&[
+        ("net", "unix"),
+        ("address_family", "unix"),
+        ("server_path", allowed.join("d/s").to_str().unwrap()),
+    ]);
+    let (mut attempts, mut refused) = (0, 0);
+    let end = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < end {
+        attempts += 1;
+        match root.client_connect(&target).await {
+            Ok(_) => {}
+            Err(e) if e.code == Code::PermissionDenied => refused += 1,
+            Err(_) => {}
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let swaps = swapper.join().unwrap();
+    let (inside, escaped) = (inside.join().unwrap(), escaped.join().unwrap());
+    eprintln!(
+        "{attempts} connects, {swaps} swaps: {inside} inside, {refused} refused, {escaped} escaped"
+    );
+    assert_eq!(escaped, 0, "a connect escaped the allowed prefix");
+    assert!(inside > 0 && refused > 0, "both outcomes should occur");
+}
