@@ -21,7 +21,7 @@ use std::cell::RefCell;
 use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::sys::socket::{
@@ -68,6 +68,8 @@ pub struct Channel {
     fd: AsyncFd<OwnedFd>,
     /// The second datagram of a two-datagram `recvmmsg`, returned by the next `recv`.
     spare: Mutex<Option<Box<Received>>>,
+    /// Registered for writing while some send waits for room.
+    writer: Mutex<Option<Arc<AsyncFd<OwnedFd>>>>,
 }
 
 impl Channel {
@@ -83,6 +85,7 @@ impl Channel {
         Ok(Channel {
             fd: register(fd)?,
             spare: Mutex::new(None),
+            writer: Mutex::new(None),
         })
     }
 
@@ -106,7 +109,54 @@ impl Channel {
     }
 
     /// Sends one datagram. Atomic: the whole frame and all descriptors, or nothing.
+    /// Waits for as long as the peer's queue stays full.
     pub async fn send(&self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+        self.send_inner(bytes, fds, None, false).await
+    }
+
+    /// One non-blocking attempt: `WouldBlock` when the peer's queue is full.
+    pub fn try_send(&self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+        if bytes.len() > MAX_DATAGRAM || fds.len() > MAX_FDS {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "datagram over the limits",
+            ));
+        }
+        let raw: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
+        let rights = [ControlMessage::ScmRights(&raw)];
+        let cmsgs: &[ControlMessage] = if raw.is_empty() { &[] } else { &rights };
+        socket::sendmsg::<()>(
+            self.fd.get_ref().as_raw_fd(),
+            &[IoSlice::new(bytes)],
+            cmsgs,
+            MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
+            None,
+        )
+        .map(drop)
+        .map_err(io::Error::from)
+    }
+
+    /// After a [`Channel::try_send`] that would block: waits for room (at most
+    /// `patience`, then `TimedOut`) and sends.
+    pub async fn send_after_full(
+        &self,
+        bytes: &[u8],
+        fds: &[BorrowedFd<'_>],
+        patience: Option<Duration>,
+    ) -> io::Result<()> {
+        self.send_inner(bytes, fds, patience, true).await
+    }
+
+    /// `wait_only`: the caller already found the queue full. With `patience`, gives
+    /// up with `TimedOut` when the queue stays full that long (a peer that does not
+    /// read); no timer is armed unless the queue is full.
+    async fn send_inner(
+        &self,
+        bytes: &[u8],
+        fds: &[BorrowedFd<'_>],
+        patience: Option<Duration>,
+        wait_only: bool,
+    ) -> io::Result<()> {
         if bytes.len() > MAX_DATAGRAM || fds.len() > MAX_FDS {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -128,20 +178,57 @@ impl Channel {
             .map(drop)
             .map_err(io::Error::from)
         };
-        match send_on(self.fd.get_ref().as_raw_fd()) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            done => return done,
+        if !wait_only {
+            match send_on(self.fd.get_ref().as_raw_fd()) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                done => return done,
+            }
         }
         // The peer's queue is full (rare). The channel is registered for reading
         // only — otherwise every read by the peer would wake this process with a
         // writable event nobody waits for — so wait for room on a duplicate that is
-        // registered for writing just for as long as this takes.
+        // registered for writing just for as long as someone waits. One duplicate
+        // per channel however many sends wait: a peer that stops reading must not
+        // multiply our descriptors.
+        let writer = WriterGuard {
+            channel: self,
+            writer: Some(self.writer()?),
+        };
+        let registered = writer.writer.as_ref().expect("set above");
+        let wait = registered.async_io(Interest::WRITABLE, |fd| send_on(fd.as_raw_fd()));
+        match patience {
+            None => wait.await,
+            Some(patience) => tokio::time::timeout(patience, wait)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("the peer has not read for {patience:?}"),
+                    ))
+                }),
+        }
+    }
+
+    /// The channel's write registration, made by the first sender that waits.
+    fn writer(&self) -> io::Result<Arc<AsyncFd<OwnedFd>>> {
+        let mut slot = self.writer.lock().unwrap();
+        if let Some(writer) = &*slot {
+            return Ok(writer.clone());
+        }
         let dup = self.fd.get_ref().try_clone()?;
         // SAFETY: as in `register`: the duplicate is owned here and closed on drop.
-        let writer = unsafe { AsyncFd::register_with_interest(dup, Interest::WRITABLE) }?;
-        writer
-            .async_io(Interest::WRITABLE, |fd| send_on(fd.as_raw_fd()))
-            .await
+        let writer = Arc::new(unsafe { AsyncFd::register_with_interest(dup, Interest::WRITABLE) }?);
+        *slot = Some(writer.clone());
+        Ok(writer)
+    }
+
+    /// Drops the write registration once its last waiter is done.
+    fn release_writer(&self, writer: Arc<AsyncFd<OwnedFd>>) {
+        let mut slot = self.writer.lock().unwrap();
+        // Ours and the slot's: nobody else waits.
+        if Arc::strong_count(&writer) == 2 {
+            *slot = None;
+        }
     }
 
     /// Receives one datagram; `Ok(None)` at end of stream.
@@ -225,6 +312,21 @@ pub fn check_socket(fd: BorrowedFd<'_>, kind: SocketKind) -> io::Result<()> {
         SocketKind::Channel => ty == SocketType::SEQPACKET && domain == Af::UNIX,
     };
     if ok { Ok(()) } else { Err(refuse()) }
+}
+
+/// A waiting sender's share of the write registration; the last one to finish (or
+/// be cancelled) drops it.
+struct WriterGuard<'a> {
+    channel: &'a Channel,
+    writer: Option<Arc<AsyncFd<OwnedFd>>>,
+}
+
+impl Drop for WriterGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(writer) = self.writer.take() {
+            self.channel.release_writer(writer);
+        }
+    }
 }
 
 fn register(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {

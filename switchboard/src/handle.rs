@@ -17,12 +17,14 @@ use flower_proto::switchboard::{self as sb, Right, rpc};
 use flower_proto::transport::{Channel, stream_pair};
 use flower_proto::{Code, Labels, Status, egress, resolver, server};
 use futures::future::BoxFuture;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::directory::{Lookup, TargetId};
 use crate::labels::{
     FixedLabels, conflicting_keys, derive_fixed, key_list, merge, merge_fixed, validate,
 };
+use crate::quota::{Quota, Ticket};
 use crate::resolvers::{MAX_TARGETS, Resolver, attempt_order};
 use crate::rights::Rights;
 use crate::{Shared, TargetEntry, TargetKind};
@@ -33,6 +35,11 @@ pub(crate) struct Handle {
     pub in_labels: FixedLabels,
     pub out_labels: FixedLabels,
     pub scope: CancellationToken,
+    /// What handles derived from this one and registrations made through it are
+    /// charged to.
+    pub quota: Arc<Quota>,
+    /// This handle's own unit of `quota`.
+    pub _ticket: Ticket,
 }
 
 impl Service for Handle {
@@ -68,6 +75,7 @@ impl Handle {
         } else {
             derive_fixed(&self.out_labels, &req.out_labels, "Out")?
         };
+        let ticket = self.quota.acquire()?;
         let (channel, theirs) =
             Channel::pair().map_err(|e| exhausted("Cannot create a handle", &e))?;
         let child = Handle {
@@ -76,6 +84,8 @@ impl Handle {
             in_labels,
             out_labels,
             scope: self.scope.clone(),
+            quota: self.quota.clone(),
+            _ticket: ticket,
         };
         child.serve(channel);
         let mut fds = OutFds::new();
@@ -90,7 +100,9 @@ impl Handle {
     /// Serves `channel` as this handle until it closes or the scope is revoked.
     pub fn serve(self, channel: Channel) {
         let scope = self.scope.clone();
-        Peer::serve(channel, Arc::new(self), &scope);
+        let limits = self.shared.config.channel;
+        let charge = self.quota.clone();
+        Peer::serve(channel, Arc::new(self), &scope, limits, Some(charge));
     }
 
     fn register(&self, request: Request, kind: TargetKind) -> Result<Response, Status> {
@@ -103,7 +115,16 @@ impl Handle {
             TargetKind::Egress => request.decode::<rpc::EgressStart>()?.0.in_labels,
         };
         let labels = merge_fixed(&self.in_labels, &requested, "In")?;
-        let (peer, theirs) = self.registration_channel()?;
+        // Everyone's List must be able to show it.
+        if !fits_list_reply(&labels) {
+            return Err(Status::invalid_argument(format!(
+                "Labels of {} bytes do not fit a List reply ({} bytes at most, with the \
+                 labels this handle adds)",
+                labels_len(&labels),
+                MAX_LIST_LABELS
+            )));
+        }
+        let (peer, theirs, ticket) = self.registration_channel()?;
         let entry = TargetEntry {
             kind,
             peer: peer.clone(),
@@ -120,6 +141,7 @@ impl Handle {
         let shared = self.shared.clone();
         peer.on_close(move || {
             shared.directory.lock().unwrap().remove(id);
+            drop(ticket);
             tracing::debug!(id, "target removed");
         });
         let mut fds = OutFds::new();
@@ -149,7 +171,7 @@ impl Handle {
         keys.dedup();
         let in_labels = merge_fixed(&self.in_labels, &req.in_labels, "In")?;
         let out_labels = merge_fixed(&self.out_labels, &req.out_labels, "Out")?;
-        let (peer, theirs) = self.registration_channel()?;
+        let (peer, theirs, ticket) = self.registration_channel()?;
         let keys: Arc<[String]> = keys.into();
         let resolver = Arc::new(Resolver::new(peer.clone(), keys.clone(), out_labels));
         let id = self
@@ -166,6 +188,7 @@ impl Handle {
         let shared = self.shared.clone();
         peer.on_close(move || {
             shared.resolvers.lock().unwrap().remove(&keys, id);
+            drop(ticket);
             tracing::debug!(id, "resolver removed");
         });
         let mut fds = OutFds::new();
@@ -177,16 +200,27 @@ impl Handle {
 
     /// A channel on which the switchboard will call a registrant, and the registrant's
     /// end. It lives in the handle's scope, not the handle channel's: a server may
-    /// close its handle and keep serving; revoking the scope removes it.
-    fn registration_channel(&self) -> Result<(Peer, OwnedFd), Status> {
+    /// close its handle and keep serving; revoking the scope removes it. It is
+    /// charged to this handle's quota until it closes (the ticket).
+    fn registration_channel(&self) -> Result<(Peer, OwnedFd, Ticket), Status> {
+        let ticket = self.quota.acquire()?;
         let (channel, theirs) =
             Channel::pair().map_err(|e| exhausted("Cannot create a registration channel", &e))?;
-        Ok((Peer::spawn(channel, None, &self.scope), theirs))
+        let limits = self.shared.config.channel;
+        Ok((
+            Peer::spawn_with(channel, None, &self.scope, limits, Some(self.quota.clone())),
+            theirs,
+            ticket,
+        ))
     }
 
     /// The label sets to try for a connect, in order: the request merged onto the
     /// handle's out-labels, or, when a resolver applies, its expansions of that.
-    async fn candidates(&self, requested: &Labels) -> Result<Vec<Labels>, Status> {
+    async fn candidates(
+        &self,
+        requested: &Labels,
+        deadline: Instant,
+    ) -> Result<Vec<Labels>, Status> {
         let out = merge_fixed(&self.out_labels, requested, "Out")?;
         let Some(resolver) = self.shared.resolvers.lock().unwrap().find(&out)? else {
             return Ok(vec![out]);
@@ -204,6 +238,7 @@ impl Handle {
                         &call,
                         Vec::new(),
                         "Resolver",
+                        deadline,
                     )
                     .await?;
                 // A resolver is trusted with names, not with memory or label rules:
@@ -253,18 +288,23 @@ impl Handle {
     async fn client_connect(&self, request: Request) -> Result<Response, Status> {
         self.rights.require_one(Right::ClientConnect)?;
         let (req, _) = request.decode::<rpc::ClientConnect>()?;
-        let candidates = self.candidates(&req.out_labels).await?;
+        let deadline = self.connect_deadline();
+        let candidates = self.candidates(&req.out_labels, deadline).await?;
         // Every attempt has its own socketpair, so any failure may move on.
-        first_success(candidates, |_| false, |out, _| self.client_connect_to(out)).await
+        let out_of_time = |_: &Status| Instant::now() >= deadline;
+        first_success(candidates, out_of_time, |out, _| {
+            self.client_connect_to(out, deadline)
+        })
+        .await
     }
 
-    async fn client_connect_to(&self, out: Labels) -> Result<Response, Status> {
+    async fn client_connect_to(&self, out: Labels, deadline: Instant) -> Result<Response, Status> {
         let (target, labels) = self.lookup(out)?;
         let socket = match target.kind {
             TargetKind::Server => {
                 let (ours, theirs) =
                     stream_pair().map_err(|e| exhausted("Cannot create a connection", &e))?;
-                self.server_connect(&target.peer, theirs, labels.clone())
+                self.server_connect(&target.peer, theirs, labels.clone(), deadline)
                     .await?;
                 ours
             }
@@ -278,6 +318,7 @@ impl Handle {
                         &request,
                         Vec::new(),
                         "Target",
+                        deadline,
                     )
                     .await?;
                 take_target_socket(&mut fds, reply.server)?
@@ -295,7 +336,8 @@ impl Handle {
         self.rights.require_one(Right::IngressConnect)?;
         let (req, mut fds) = request.decode::<rpc::IngressConnect>()?;
         let client = fds.take_connection(req.client, "client")?;
-        let candidates = self.candidates(&req.out_labels).await?;
+        let deadline = self.connect_deadline();
+        let candidates = self.candidates(&req.out_labels, deadline).await?;
         let mut client = Some(client);
         // A server that timed out may still take the duplicate it was sent; offering
         // the same TCP connection to a second server would let two servers share it.
@@ -311,7 +353,7 @@ impl Handle {
                     .try_clone()
                     .map_err(|e| exhausted("Cannot duplicate the client", &e)),
             };
-            async move { self.ingress_connect_to(socket?, out).await }
+            async move { self.ingress_connect_to(socket?, out, deadline).await }
         })
         .await?;
         let response = sb::IngressConnectResponse {
@@ -320,11 +362,16 @@ impl Handle {
         Ok(Response::new(&response, Vec::new()))
     }
 
-    async fn ingress_connect_to(&self, client: OwnedFd, out: Labels) -> Result<Labels, Status> {
+    async fn ingress_connect_to(
+        &self,
+        client: OwnedFd,
+        out: Labels,
+        deadline: Instant,
+    ) -> Result<Labels, Status> {
         let (target, labels) = self.lookup(out)?;
         match target.kind {
             TargetKind::Server => {
-                self.server_connect(&target.peer, client, labels.clone())
+                self.server_connect(&target.peer, client, labels.clone(), deadline)
                     .await?;
                 Ok(labels)
             }
@@ -339,29 +386,49 @@ impl Handle {
         server: &Peer,
         client: OwnedFd,
         labels: Labels,
+        deadline: Instant,
     ) -> Result<(), Status> {
         let mut fds = OutFds::new();
         let request = server::ConnectRequest {
             client: fds.push(client),
             connection_labels: labels,
         };
-        self.call_registrant::<server::rpc::Connect>(server, &request, fds.into_vec(), "Target")
-            .await
-            .map(drop)
+        self.call_registrant::<server::rpc::Connect>(
+            server,
+            &request,
+            fds.into_vec(),
+            "Target",
+            deadline,
+        )
+        .await
+        .map(drop)
     }
 
-    /// A call to a registrant (`what` names it in errors), bounded by the timeout.
+    /// When a connect that starts now must be done by.
+    fn connect_deadline(&self) -> Instant {
+        Instant::now() + self.shared.config.connect_deadline
+    }
+
+    /// A call to a registrant (`what` names it in errors), bounded by the call
+    /// timeout and by the connect's overall `deadline`. One timer either way.
     async fn call_registrant<M: Method>(
         &self,
         target: &Peer,
         request: &M::Request,
         fds: Vec<OwnedFd>,
         what: &str,
+        deadline: Instant,
     ) -> Result<(M::Response, Fds), Status> {
-        let timeout = self.shared.config.call_timeout;
-        match tokio::time::timeout(timeout, target.call::<M>(request, fds)).await {
+        let config = &self.shared.config;
+        let own = Instant::now() + config.call_timeout;
+        match tokio::time::timeout_at(own.min(deadline), target.call::<M>(request, fds)).await {
+            Err(_) if deadline < own => Err(Status::deadline_exceeded(format!(
+                "No target answered within the connect deadline of {:?}",
+                config.connect_deadline
+            ))),
             Err(_) => Err(Status::deadline_exceeded(format!(
-                "{what} did not answer within {timeout:?}"
+                "{what} did not answer within {:?}",
+                config.call_timeout
             ))),
             Ok(Err(status)) if status.code == Code::Unavailable && target.is_closed() => Err(
                 Status::unavailable(format!("{what} went away during the call")),
@@ -370,18 +437,26 @@ impl Handle {
         }
     }
 
+    /// Streams the matching targets one at a time: a call holds the ids that
+    /// matched and one target's labels, and waits (with backpressure, cut off after
+    /// the channel's send timeout) for the reader to take each. A target removed in
+    /// the meantime is skipped.
     async fn list(&self, request: Request, stream: StreamSink) -> Result<Response, Status> {
         self.rights.require_one(Right::List)?;
         let (req, _) = request.decode::<rpc::List>()?;
         let out = merge_fixed(&self.out_labels, &req.out_labels, "Out")?;
-        let all: Vec<Labels> = {
-            let mut directory = self.shared.directory.lock().unwrap();
-            let ids = directory.matching(&out);
-            ids.into_iter()
-                .map(|id| directory.get(id).unwrap().labels.clone())
-                .collect()
-        };
-        for labels in all {
+        let ids = self.shared.directory.lock().unwrap().matching(&out);
+        for id in ids {
+            let Some(labels) = self
+                .shared
+                .directory
+                .lock()
+                .unwrap()
+                .get(id)
+                .map(|t| t.labels.clone())
+            else {
+                continue;
+            };
             stream.send(&sb::ListResponse { labels }).await?;
         }
         Ok(Response::default())
@@ -423,4 +498,28 @@ fn exhausted(what: &str, e: &std::io::Error) -> Status {
 fn take_target_socket(fds: &mut Fds, field: Option<flower_proto::Fd>) -> Result<OwnedFd, Status> {
     fds.take_connection(field, "server")
         .map_err(|e| Status::internal(format!("Egress replied badly: {e}")))
+}
+
+/// The most label bytes (as encoded in a `ListResponse`) a target may have: what fits
+/// one List reply datagram with the frame around it.
+const MAX_LIST_LABELS: usize = flower_proto::transport::MAX_DATAGRAM - 32;
+
+fn labels_len(labels: &Labels) -> usize {
+    use prost::Message;
+    sb::ListResponse {
+        labels: Labels::new(),
+    }
+    .encoded_len()
+        + prost::encoding::btree_map::encoded_len(
+            prost::encoding::string::encoded_len,
+            prost::encoding::string::encoded_len,
+            1,
+            labels,
+        )
+}
+
+/// Whether a target with `labels` can be listed: a frame is the labels plus at most
+/// 32 bytes (call id, tags, lengths, the `more` flag).
+fn fits_list_reply(labels: &Labels) -> bool {
+    labels_len(labels) <= MAX_LIST_LABELS
 }
