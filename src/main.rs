@@ -45,6 +45,31 @@ enum Command {
         /// Seconds a registered server, egress or resolver may take to answer.
         #[arg(long, default_value_t = 10.0)]
         call_timeout: f64,
+        /// Seconds one connect may take in all, across resolver candidates and
+        /// replicas.
+        #[arg(long, default_value_t = 30.0)]
+        connect_deadline: f64,
+        /// Calls served at once per channel; a client pipelining more waits (the
+        /// switchboard stops reading its channel). Also bounds its unsent replies.
+        #[arg(long, value_name = "N", default_value_t = 64,
+              value_parser = clap::value_parser!(u32).range(1..))]
+        max_calls_in_flight: u32,
+        /// Seconds a reply may wait for a peer that does not read; then the
+        /// channel is closed.
+        #[arg(long, default_value_t = 10.0)]
+        send_timeout: f64,
+        /// Handles and registrations one uid may hold through the socket path
+        /// (a new connection over it is refused with RESOURCE_EXHAUSTED).
+        #[arg(long, value_name = "N", default_value_t = 16_384)]
+        max_handles_per_uid: usize,
+        /// Handles and registrations one embedder-made handle (one per pod) and
+        /// everything derived from it may hold.
+        #[arg(long, value_name = "N", default_value_t = 1_024)]
+        max_handles_per_endpoint: usize,
+        /// Descriptors kept free for accepting and refusing clearly when handles
+        /// have used the rest of the limit (at most a quarter of it).
+        #[arg(long, value_name = "N", default_value_t = 256)]
+        reserve_descriptors: usize,
         /// Log as JSON lines.
         #[arg(long)]
         log_json: bool,
@@ -188,6 +213,12 @@ async fn run(command: Command, activated: Option<std::os::fd::OwnedFd>) -> Resul
             mode,
             group,
             call_timeout,
+            connect_deadline,
+            max_calls_in_flight,
+            send_timeout,
+            max_handles_per_uid,
+            max_handles_per_endpoint,
+            reserve_descriptors,
             log_json,
             nofile,
             threads: _,
@@ -198,7 +229,17 @@ async fn run(command: Command, activated: Option<std::os::fd::OwnedFd>) -> Resul
                 None => default_path()?,
             };
             let call_timeout = seconds(call_timeout, "--call-timeout")?;
-            let config = flower_switchboard::Config { call_timeout };
+            let config = flower_switchboard::Config {
+                call_timeout,
+                connect_deadline: seconds(connect_deadline, "--connect-deadline")?,
+                channel: flower_proto::rpc::Limits {
+                    calls_in_flight: max_calls_in_flight as usize,
+                    send_timeout: Some(seconds(send_timeout, "--send-timeout")?),
+                },
+                max_handles_per_uid,
+                max_handles_per_endpoint,
+                reserve_descriptors,
+            };
             flower_switchboard::daemon::run(flower_switchboard::daemon::Options {
                 path,
                 mode,

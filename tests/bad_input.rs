@@ -237,7 +237,10 @@ async fn non_socket_descriptors_are_refused() {
         .await;
         let (reply, _) = recv_reply(&ch).await.unwrap();
         assert_eq!(Code::from_i32(reply.code), Code::InvalidArgument);
-        assert_eq!(reply.error, "Descriptor field client is not a socket");
+        assert_eq!(
+            reply.error,
+            "Descriptor field client is not a SOCK_STREAM socket of AF_UNIX, AF_INET or AF_INET6"
+        );
     })
     .await;
 }

@@ -18,7 +18,7 @@ mod resolve;
 pub use resolve::{ResolveOptions, resolve};
 
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,10 +28,11 @@ use flower_proto::client::Switchboard;
 use flower_proto::switchboard::Right;
 use flower_proto::transport::blocking;
 use flower_proto::{Labels, Status};
+use rustix::fs::{Mode, OFlags, ResolveFlags};
 
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// Directories under which `unix` connects are allowed (canonical paths).
+    /// Directories under which `unix` connects are allowed.
     pub allowed_unix_prefixes: Vec<PathBuf>,
     pub connect_timeout: Duration,
 }
@@ -51,25 +52,20 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Registers an egress and serves forever, re-registering whenever the switchboard
 /// comes back.
 pub async fn connect(path: &Path, labels: &Labels, options: Options) -> Result<()> {
-    let mut options = options;
-    for prefix in &mut options.allowed_unix_prefixes {
-        *prefix = std::fs::canonicalize(&*prefix)
-            .map_err(|e| anyhow::anyhow!("allowed Unix prefix {}: {e}", prefix.display()))?;
-    }
-    let options = Arc::new(options);
+    let dialer = Arc::new(Dialer::new(options)?);
     keep_registered(
         path,
         Right::EgressStart,
         labels,
         |handle| async move { Ok(handle.egress_start(&Labels::new()).await?) },
         |mut egress| {
-            let options = options.clone();
+            let dialer = dialer.clone();
             async move {
                 tracing::info!("egress registered");
                 while let Some(request) = egress.next().await {
-                    let options = options.clone();
+                    let dialer = dialer.clone();
                     tokio::spawn(async move {
-                        let result = dial(&request.labels, &options).await;
+                        let result = dialer.dial(&request.labels).await;
                         if let Err(e) = &result {
                             tracing::info!(labels = ?request.labels, "connect failed: {e}");
                         }
@@ -80,6 +76,190 @@ pub async fn connect(path: &Path, labels: &Labels, options: Options) -> Result<(
         },
     )
     .await
+}
+
+/// An allowed Unix prefix, held open: paths are resolved beneath this descriptor, so
+/// renaming or replacing the directory (or anything above it) later changes nothing.
+#[derive(Debug)]
+struct Prefix {
+    /// As the operator wrote it, and canonical: a path may use either form.
+    given: PathBuf,
+    canonical: PathBuf,
+    dir: OwnedFd,
+}
+
+/// Makes the connections [`Options`] allow.
+#[derive(Debug)]
+pub struct Dialer {
+    connect_timeout: Duration,
+    prefixes: Arc<[Prefix]>,
+}
+
+impl Dialer {
+    /// Opens every allowed Unix prefix (each must be an existing directory).
+    pub fn new(options: Options) -> Result<Dialer> {
+        let prefixes = options
+            .allowed_unix_prefixes
+            .into_iter()
+            .map(|given| {
+                let context = |e: &dyn std::fmt::Display| {
+                    anyhow::anyhow!("allowed Unix prefix {}: {e}", given.display())
+                };
+                let canonical = std::fs::canonicalize(&given).map_err(|e| context(&e))?;
+                let dir = rustix::fs::open(
+                    &canonical,
+                    OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| context(&e))?;
+                Ok(Prefix {
+                    given,
+                    canonical,
+                    dir,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Dialer {
+            connect_timeout: options.connect_timeout,
+            prefixes: prefixes.into(),
+        })
+    }
+
+    /// Connects as the labels say.
+    pub async fn dial(&self, labels: &Labels) -> Result<OwnedFd, Status> {
+        let family = label(labels, "address_family")?;
+        match family {
+            "inet" | "inet6" => self.dial_tcp(labels, family).await,
+            "unix" => {
+                self.dial_unix(Path::new(label(labels, "server_path")?))
+                    .await
+            }
+            other => Err(Status::invalid_argument(format!(
+                "Label address_family {other:?} is not one of \"inet\", \"inet6\", \"unix\""
+            ))),
+        }
+    }
+
+    async fn dial_tcp(&self, labels: &Labels, family: &str) -> Result<OwnedFd, Status> {
+        let timeout = self.connect_timeout;
+        let address = label(labels, "server_address")?;
+        let ip: IpAddr = address.parse().map_err(|_| {
+            Status::invalid_argument(format!(
+                "Label server_address {address:?} is not a numeric IP address"
+            ))
+        })?;
+        if ip.is_ipv4() != (family == "inet") {
+            return Err(Status::invalid_argument(format!(
+                "Label server_address {address:?} does not match address_family {family:?}"
+            )));
+        }
+        let port = label(labels, "server_port")?;
+        let port: u16 = port.parse().map_err(|_| {
+            Status::invalid_argument(format!("Label server_port {port:?} is not a port number"))
+        })?;
+        let target = SocketAddr::new(ip, port);
+        let stream =
+            match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(target)).await {
+                Err(_) => {
+                    return Err(Status::unavailable(format!(
+                        "Connecting to {target} timed out after {timeout:?}"
+                    )));
+                }
+                Ok(Err(e)) => {
+                    return Err(Status::unavailable(format!(
+                        "Cannot connect to {target}: {e}"
+                    )));
+                }
+                Ok(Ok(stream)) => stream,
+            };
+        stream
+            .into_std()
+            .and_then(|s| blocking(s.into()))
+            .map_err(|e| Status::internal(format!("Cannot hand over the connection: {e}")))
+    }
+
+    /// Resolves `path` once, beneath the descriptor of an allowed prefix, and
+    /// connects to exactly the file found. Checking a path and then connecting by
+    /// path again would let anyone who can write under the prefix swap a directory
+    /// for a symlink in between.
+    async fn dial_unix(&self, path: &Path) -> Result<OwnedFd, Status> {
+        let prefixes = self.prefixes.clone();
+        let owned = path.to_owned();
+        let file = tokio::task::spawn_blocking(move || open_beneath(&prefixes, &owned))
+            .await
+            .map_err(|e| Status::internal(format!("Path lookup failed: {e}")))??;
+        // The one file resolved above, through its descriptor's magic link.
+        let by_fd = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+        let timeout = self.connect_timeout;
+        let stream =
+            match tokio::time::timeout(timeout, tokio::net::UnixStream::connect(&by_fd)).await {
+                Err(_) => {
+                    return Err(Status::unavailable(format!(
+                        "Connecting to {} timed out",
+                        path.display()
+                    )));
+                }
+                Ok(Err(e)) => {
+                    return Err(Status::unavailable(format!(
+                        "Cannot connect to {}: {e}",
+                        path.display()
+                    )));
+                }
+                Ok(Ok(stream)) => stream,
+            };
+        drop(file);
+        stream
+            .into_std()
+            .and_then(|s| blocking(s.into()))
+            .map_err(|e| Status::internal(format!("Cannot hand over the connection: {e}")))
+    }
+}
+
+/// An `O_PATH` descriptor of `path`, found with `openat2(RESOLVE_BENEATH |
+/// RESOLVE_NO_MAGICLINKS)` from the prefix it names: symlinks are followed only
+/// while they stay beneath the prefix, `..` cannot climb out of it, and `/proc`
+/// magic links are refused.
+fn open_beneath(prefixes: &[Prefix], path: &Path) -> Result<OwnedFd, Status> {
+    let refused = || {
+        Status::permission_denied(format!(
+            "Unix path {} is not under a prefix this egress allows",
+            path.display()
+        ))
+    };
+    if !path.is_absolute() {
+        return Err(Status::invalid_argument(format!(
+            "Unix path {} is not absolute",
+            path.display()
+        )));
+    }
+    let (prefix, rest) = prefixes
+        .iter()
+        .find_map(|p| {
+            [&p.given, &p.canonical]
+                .into_iter()
+                .find_map(|base| path.strip_prefix(base).ok())
+                .map(|rest| (p, rest))
+        })
+        .ok_or_else(refused)?;
+    if rest.as_os_str().is_empty() {
+        return Err(Status::invalid_argument(format!(
+            "Unix path {} is the allowed directory itself, not a socket in it",
+            path.display()
+        )));
+    }
+    rustix::fs::openat2(
+        &prefix.dir,
+        rest,
+        OFlags::PATH | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS,
+    )
+    .map_err(|e| match e {
+        // Escaping the prefix: through `..`, an absolute symlink or one that points
+        // outside.
+        rustix::io::Errno::XDEV | rustix::io::Errno::LOOP => refused(),
+        e => Status::unavailable(format!("Cannot connect to {}: {e}", path.display())),
+    })
 }
 
 /// Connects to `path` with a handle constrained to `right` and in = out = `labels`,
@@ -126,88 +306,4 @@ fn label<'a>(labels: &'a Labels, key: &str) -> Result<&'a str, Status> {
         .get(key)
         .map(String::as_str)
         .ok_or_else(|| Status::invalid_argument(format!("Missing label {key}")))
-}
-
-/// Connects as the labels say.
-pub async fn dial(labels: &Labels, options: &Options) -> Result<OwnedFd, Status> {
-    let family = label(labels, "address_family")?;
-    let timeout = options.connect_timeout;
-    match family {
-        "inet" | "inet6" => {
-            let address = label(labels, "server_address")?;
-            let ip: IpAddr = address.parse().map_err(|_| {
-                Status::invalid_argument(format!(
-                    "Label server_address {address:?} is not a numeric IP address"
-                ))
-            })?;
-            if ip.is_ipv4() != (family == "inet") {
-                return Err(Status::invalid_argument(format!(
-                    "Label server_address {address:?} does not match address_family {family:?}"
-                )));
-            }
-            let port = label(labels, "server_port")?;
-            let port: u16 = port.parse().map_err(|_| {
-                Status::invalid_argument(format!("Label server_port {port:?} is not a port number"))
-            })?;
-            let target = SocketAddr::new(ip, port);
-            let stream =
-                match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(target)).await {
-                    Err(_) => {
-                        return Err(Status::unavailable(format!(
-                            "Connecting to {target} timed out after {timeout:?}"
-                        )));
-                    }
-                    Ok(Err(e)) => {
-                        return Err(Status::unavailable(format!(
-                            "Cannot connect to {target}: {e}"
-                        )));
-                    }
-                    Ok(Ok(stream)) => stream,
-                };
-            stream
-                .into_std()
-                .and_then(|s| blocking(s.into()))
-                .map_err(|e| Status::internal(format!("Cannot hand over the connection: {e}")))
-        }
-        "unix" => {
-            let path = Path::new(label(labels, "server_path")?);
-            // Resolve symlinks and `..` first, then check and connect to what was checked.
-            let real = tokio::fs::canonicalize(path).await.map_err(|e| {
-                Status::unavailable(format!("Cannot connect to {}: {e}", path.display()))
-            })?;
-            if !options
-                .allowed_unix_prefixes
-                .iter()
-                .any(|prefix| real.starts_with(prefix))
-            {
-                return Err(Status::permission_denied(format!(
-                    "Unix path {} is not under a prefix this egress allows",
-                    path.display()
-                )));
-            }
-            let stream =
-                match tokio::time::timeout(timeout, tokio::net::UnixStream::connect(&real)).await {
-                    Err(_) => {
-                        return Err(Status::unavailable(format!(
-                            "Connecting to {} timed out",
-                            path.display()
-                        )));
-                    }
-                    Ok(Err(e)) => {
-                        return Err(Status::unavailable(format!(
-                            "Cannot connect to {}: {e}",
-                            path.display()
-                        )));
-                    }
-                    Ok(Ok(stream)) => stream,
-                };
-            stream
-                .into_std()
-                .and_then(|s| blocking(s.into()))
-                .map_err(|e| Status::internal(format!("Cannot hand over the connection: {e}")))
-        }
-        other => Err(Status::invalid_argument(format!(
-            "Label address_family {other:?} is not one of \"inet\", \"inet6\", \"unix\""
-        ))),
-    }
 }

@@ -20,8 +20,6 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::time::Duration;
 
-use nix::sys::socket::{self, SockType};
-
 use crate::client::{ConnectError, Connection, ServerOptions};
 use crate::fds::Fds;
 use crate::frame::{self, Kind};
@@ -67,12 +65,7 @@ impl Switchboard {
     /// Wraps a handle received from elsewhere (for example a constrained handle a
     /// container runtime passed in). Fails unless it is a SOCK_SEQPACKET socket.
     pub fn from_fd(fd: OwnedFd) -> io::Result<Switchboard> {
-        if socket::getsockopt(&fd, socket::sockopt::SockType)? != SockType::SeqPacket {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "descriptor is not a SOCK_SEQPACKET socket",
-            ));
-        }
+        transport::check_socket(fd.as_fd(), transport::SocketKind::Channel)?;
         transport::set_nonblocking(fd.as_fd(), false)?;
         let sb = Switchboard {
             caller: Caller { fd, next_id: 1 },
@@ -95,7 +88,7 @@ impl Switchboard {
         };
         let (reply, mut fds) = self.rpc().client_connect(&request, Vec::new())?;
         Ok(Connection {
-            socket: fds.take(reply.server, "server")?,
+            socket: fds.take_connection(reply.server, "server")?,
             labels: reply.connection_labels,
         })
     }
@@ -119,7 +112,7 @@ impl Switchboard {
             backlog: options.backlog,
         };
         let (reply, mut fds) = self.rpc().server_start(&request, Vec::new())?;
-        let fd = fds.take(reply.server, "server")?;
+        let fd = fds.take_channel(reply.server, "server")?;
         transport::set_nonblocking(fd.as_fd(), false)
             .map_err(|e| Status::internal(format!("Cannot use the registration: {e}")))?;
         Ok(Server { fd })
@@ -209,7 +202,7 @@ impl Server {
                     .decode::<server::rpc::Connect>()
                     .and_then(|(message, mut fds)| {
                         Ok(Connection {
-                            socket: fds.take(message.client, "client")?,
+                            socket: fds.take_connection(message.client, "client")?,
                             labels: message.connection_labels,
                         })
                     })

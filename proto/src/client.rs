@@ -117,8 +117,9 @@ impl Switchboard {
         };
         let (reply, mut fds) = self.rpc().client_connect(&request, Vec::new()).await?;
         Ok(Connection {
-            // The switchboard made this socket or checked it: no fstat() per connect.
-            socket: fds.take(reply.server, "server")?,
+            // Checked even though the switchboard checks it: a constrained handle may
+            // come from anyone. Two getsockopt() calls per connect.
+            socket: fds.take_connection(reply.server, "server")?,
             labels: reply.connection_labels,
         })
     }
@@ -300,8 +301,9 @@ impl server::rpc::Server for ServerService {
         message: server::ConnectRequest,
         mut fds: Fds,
     ) -> Answer<server::ConnectResponse> {
-        // The switchboard made this socket or checked it: no fstat() per connect.
-        let socket = fds.take(message.client, "client")?;
+        // Checked even though the switchboard checks it: the registration may
+        // come from anyone. Two getsockopt() calls per connection.
+        let socket = fds.take_connection(message.client, "client")?;
         let connection = Connection {
             socket,
             labels: message.connection_labels,

@@ -5,7 +5,9 @@
 //! the message must be exactly `0..n` for the `n` descriptors that arrived, each once.
 //! Anything else closes every descriptor and fails with `INVALID_ARGUMENT`.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
+
+use crate::transport::{SocketKind, check_socket};
 
 use crate::{Fd, Status};
 
@@ -58,16 +60,33 @@ impl Fds {
             .ok_or_else(|| Status::invalid_argument(format!("Missing descriptor field {name}")))
     }
 
-    /// Like [`Fds::take`], and also checks that the descriptor is a socket: a handed-on
-    /// directory or device descriptor would be a capability nobody granted.
-    pub fn take_socket(&mut self, field: Option<Fd>, name: &str) -> Result<OwnedFd, Status> {
+    /// Like [`Fds::take`], and also checks that the descriptor is a socket of `kind`
+    /// ([`check_socket`]): a handed-on `O_PATH`, directory or device descriptor
+    /// would be a capability nobody granted.
+    pub fn take_socket(
+        &mut self,
+        field: Option<Fd>,
+        name: &str,
+        kind: SocketKind,
+    ) -> Result<OwnedFd, Status> {
         let fd = self.take(field, name)?;
-        match nix::sys::stat::fstat(fd.as_raw_fd()) {
-            Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFSOCK => Ok(fd),
-            _ => Err(Status::invalid_argument(format!(
-                "Descriptor field {name} is not a socket"
-            ))),
-        }
+        check_socket(fd.as_fd(), kind).map_err(|_| {
+            Status::invalid_argument(format!(
+                "Descriptor field {name} is not {}",
+                kind.description()
+            ))
+        })?;
+        Ok(fd)
+    }
+
+    /// [`Fds::take_socket`] for a connection (`SOCK_STREAM`).
+    pub fn take_connection(&mut self, field: Option<Fd>, name: &str) -> Result<OwnedFd, Status> {
+        self.take_socket(field, name, SocketKind::Connection)
+    }
+
+    /// [`Fds::take_socket`] for a channel (`AF_UNIX` `SOCK_SEQPACKET`).
+    pub fn take_channel(&mut self, field: Option<Fd>, name: &str) -> Result<OwnedFd, Status> {
+        self.take_socket(field, name, SocketKind::Channel)
     }
 }
 

@@ -6,7 +6,7 @@
 //! * a **reader task** ([`Peer::spawn`], [`Peer::serve`]), for channels that answer
 //!   calls or must notice at once when the other side hangs up (the switchboard's
 //!   registration channels). It hands incoming calls to a [`Service`], at most
-//!   [`MAX_CALLS_IN_FLIGHT`] at once: past that it stops reading and the kernel's
+//!   [`Limits::calls_in_flight`] at once: past that it stops reading and the kernel's
 //!   socket buffer pushes back on the sender. A call whose service answers on its
 //!   first poll is answered inline; only one that must wait gets a task of its own.
 //! * the **callers themselves** ([`Peer::client`]), for a client's handle: a caller
@@ -14,6 +14,14 @@
 //!   arrives, handing any other caller's reply on. A lone caller is woken by the
 //!   reactor directly, with no second task and no cross-thread hand-off; a hang-up is
 //!   noticed on the next call or [`Peer::is_closed`].
+//!
+//! A call holds its place until its reply is sent, so the replies (and descriptors)
+//! waiting to go out are bounded by the same number; a peer that lets them wait
+//! longer than [`Limits::send_timeout`] (it stopped reading) is cut off. A reply that
+//! cannot be sent (it is too large, or the kernel refuses its descriptors, e.g.
+//! `ETOOMANYREFS`) is replaced by an error reply without descriptors; if even that
+//! fails the channel is closed. A caller never waits for a reply that was silently
+//! dropped.
 //!
 //! Framing violations (undecodable frame, oversize datagram, too many descriptors,
 //! truncated control data) close the channel: there is no call id to answer. Errors
@@ -35,8 +43,48 @@ use crate::frame::{self, Kind};
 use crate::transport::{Channel, MAX_DATAGRAM, Received, RecvError};
 use crate::{Code, Reply, Status};
 
-/// Incoming calls served concurrently on one channel.
-pub const MAX_CALLS_IN_FLIGHT: usize = 128;
+/// Incoming calls served concurrently on one channel, by default.
+pub const MAX_CALLS_IN_FLIGHT: usize = 64;
+/// How long a reply may wait for the peer to make room, by default.
+pub const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// What one channel may cost the side that serves it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Incoming calls served at once; also bounds the replies waiting to be sent.
+    pub calls_in_flight: usize,
+    /// How long a send may wait while the peer's queue is full before the channel
+    /// is closed (the peer stopped reading). `None`: forever.
+    pub send_timeout: Option<std::time::Duration>,
+}
+
+/// Counts descriptors waiting in unsent frames against whatever the serving side
+/// charges its peers with (the switchboard: the connecting uid's quota). Charged only
+/// while a frame with descriptors waits for a peer whose queue is full, so the usual
+/// path costs nothing.
+pub trait Charge: Send + Sync + 'static {
+    /// Takes `n` units; `false` (nothing taken) when that would exceed the limit.
+    fn take(&self, n: usize) -> bool;
+    /// Returns `n` units taken before.
+    fn give(&self, n: usize);
+}
+
+struct Held<'a>(&'a dyn Charge, usize);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.give(self.1);
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            calls_in_flight: MAX_CALLS_IN_FLIGHT,
+            send_timeout: Some(SEND_TIMEOUT),
+        }
+    }
+}
 /// How long a dropped peer waits for its calls in flight to reply before closing.
 const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -204,6 +252,8 @@ struct Shared {
     states: States,
     /// Incoming calls in flight (permits are returned by [`CallSlot`]).
     calls: Semaphore,
+    limits: Limits,
+    charge: Option<Arc<dyn Charge>>,
     on_close: Mutex<OnClose>,
     /// Callers read the channel themselves (no reader task), holding `read_lock`.
     direct: bool,
@@ -219,29 +269,70 @@ impl Shared {
             )));
         }
         let borrowed: Vec<_> = fds.iter().map(|fd| fd.as_fd()).collect();
-        tokio::select! {
-            r = self.channel.send(&bytes, &borrowed) => r.map_err(|e| Status::unavailable(format!("Channel send failed: {e}"))),
-            () = self.states.closed() => Err(closed_status()),
+        let sent = match self.channel.try_send(&bytes, &borrowed) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                // The peer is not keeping up: what waits here is charged.
+                let _held = match (&self.charge, fds.len()) {
+                    (Some(charge), n) if n > 0 => {
+                        if !charge.take(n) {
+                            return Err(Status::resource_exhausted(
+                                "Too many descriptors are waiting for peers that do not read",
+                            ));
+                        }
+                        Some(Held(&**charge, n))
+                    }
+                    _ => None,
+                };
+                tokio::select! {
+                    r = self.channel.send_after_full(&bytes, &borrowed, self.limits.send_timeout) => r,
+                    () = self.states.closed() => return Err(closed_status()),
+                }
+            }
+            done => done,
+        };
+        match sent {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                // Everything queued for this peer stays pinned while it does not read.
+                tracing::warn!("closing channel: {e}");
+                self.close();
+                Err(Status::unavailable(format!("Peer cut off: {e}")))
+            }
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EPIPE | libc::ECONNRESET)) => {
+                Err(closed_status())
+            }
+            Err(e) => Err(Status::resource_exhausted(format!("Cannot send: {e}"))),
         }
     }
 
-    /// Sends a reply. A final reply that would not fit a datagram is replaced by a
-    /// RESOURCE_EXHAUSTED error; for a stream item the error is returned so that the
-    /// handler's own final reply reports it (a stream ends exactly once).
+    /// Sends a reply. A final reply that cannot be sent (too large for a datagram,
+    /// or refused by the kernel, e.g. `ETOOMANYREFS` for its descriptors) is replaced
+    /// by an error reply without descriptors, and if that fails too the channel is
+    /// closed: the caller is never left waiting. For a stream item the error is
+    /// returned so that the handler's own final reply reports it (a stream ends
+    /// exactly once).
     async fn send_reply(&self, reply: Reply, fds: Vec<OwnedFd>) -> Result<(), Status> {
         let (id, more) = (reply.id, reply.more);
-        match self
+        let status = match self
             .send_frame(frame::encode(Kind::Reply(reply)), &fds)
             .await
         {
-            Err(status) if status.code == Code::ResourceExhausted && !more => {
-                let error = Status::resource_exhausted(format!("Reply too large: {status}"));
-                let error = frame::reply(id, Err(error), false);
-                self.send_frame(frame::encode(Kind::Reply(error)), &[])
-                    .await
+            Ok(()) => return Ok(()),
+            Err(status) if more || self.states.is_closed() => return Err(status),
+            Err(status) => status,
+        };
+        drop(fds);
+        tracing::warn!(id, "reply not sent, sending an error instead: {status}");
+        let error = Status::new(status.code, format!("Reply could not be sent: {status}"));
+        let error = frame::encode(Kind::Reply(frame::reply(id, Err(error), false)));
+        if let Err(again) = self.send_frame(error, &[]).await {
+            if !self.states.is_closed() {
+                tracing::warn!(id, "closing channel: error reply not sent either: {again}");
+                self.close();
             }
-            other => other,
+            return Err(again);
         }
+        Ok(())
     }
 
     fn close(&self) {
@@ -338,7 +429,18 @@ impl Peer {
         service: Option<Arc<dyn Service>>,
         parent: &CancellationToken,
     ) -> Peer {
-        let shared = start_reader(channel, service, parent);
+        Peer::spawn_with(channel, service, parent, Limits::default(), None)
+    }
+
+    /// [`Peer::spawn`] with explicit limits.
+    pub fn spawn_with(
+        channel: Channel,
+        service: Option<Arc<dyn Service>>,
+        parent: &CancellationToken,
+        limits: Limits,
+        charge: Option<Arc<dyn Charge>>,
+    ) -> Peer {
+        let shared = start_reader(channel, service, parent, limits, charge);
         Peer {
             owner: Arc::new(Owner { shared }),
         }
@@ -350,15 +452,43 @@ impl Peer {
     pub fn client(channel: Channel) -> Peer {
         Peer {
             owner: Arc::new(Owner {
-                shared: new_shared(channel, true),
+                shared: new_shared(channel, true, Limits::default(), None),
             }),
         }
     }
 
     /// Serves `service` on `channel` with no calling side and no owner: the channel
     /// lives until the other end closes it or `parent` is cancelled.
-    pub fn serve(channel: Channel, service: Arc<dyn Service>, parent: &CancellationToken) {
-        start_reader(channel, Some(service), parent);
+    pub fn serve(
+        channel: Channel,
+        service: Arc<dyn Service>,
+        parent: &CancellationToken,
+        limits: Limits,
+        charge: Option<Arc<dyn Charge>>,
+    ) {
+        start_reader(channel, Some(service), parent, limits, charge);
+    }
+
+    /// Answers the first call on `channel` with `status` and closes it; closes it
+    /// after `patience` if no call comes. For a peer that may not be served (it is
+    /// over a limit): it learns why instead of waiting. `hold` is dropped when done.
+    pub fn refuse(
+        channel: Channel,
+        status: Status,
+        patience: std::time::Duration,
+        hold: impl Send + 'static,
+    ) {
+        tokio::spawn(async move {
+            let first = tokio::time::timeout(patience, channel.recv()).await;
+            if let Ok(Ok(Some(datagram))) = first
+                && let Ok(Kind::Call(call)) = frame::decode(&datagram.bytes)
+            {
+                let reply = frame::encode(Kind::Reply(frame::reply(call.id, Err(status), false)));
+                let _ = tokio::time::timeout(patience, channel.send(&reply, &[])).await;
+            }
+            channel.shutdown();
+            drop(hold);
+        });
     }
 
     /// Closes the channel now: the peer sees end of stream, waiting calls fail.
@@ -544,26 +674,35 @@ fn start_reader(
     channel: Channel,
     service: Option<Arc<dyn Service>>,
     parent: &CancellationToken,
+    limits: Limits,
+    charge: Option<Arc<dyn Charge>>,
 ) -> Arc<Shared> {
-    let shared = new_shared(channel, false);
+    let shared = new_shared(channel, false, limits, charge);
     tokio::spawn(read_loop(shared.clone(), service, parent.clone()));
     shared
 }
 
-fn new_shared(channel: Channel, direct: bool) -> Arc<Shared> {
+fn new_shared(
+    channel: Channel,
+    direct: bool,
+    limits: Limits,
+    charge: Option<Arc<dyn Charge>>,
+) -> Arc<Shared> {
     Arc::new(Shared {
         channel,
         pending: Mutex::new(HashMap::new()),
         next_id: AtomicU64::new(1),
         states: States::default(),
-        calls: Semaphore::new(MAX_CALLS_IN_FLIGHT),
+        calls: Semaphore::new(limits.calls_in_flight.max(1)),
+        limits,
+        charge,
         on_close: Mutex::new(OnClose::Pending(None)),
         direct,
         read_lock: tokio::sync::Mutex::new(()),
     })
 }
 
-/// An incoming call's place among the [`MAX_CALLS_IN_FLIGHT`]; freed on drop.
+/// An incoming call's place among the [`Limits::calls_in_flight`]; freed on drop.
 struct CallSlot(Arc<Shared>);
 
 impl Drop for CallSlot {
@@ -579,7 +718,7 @@ async fn read_loop(
 ) {
     read_frames(&shared, service, &parent).await;
     if shared.states.is_draining() {
-        let all = MAX_CALLS_IN_FLIGHT as u32;
+        let all = shared.limits.calls_in_flight.max(1) as u32;
         let _ = tokio::time::timeout(DRAIN_TIMEOUT, shared.calls.acquire_many(all)).await;
     }
     shared.close();

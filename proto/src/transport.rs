@@ -21,7 +21,7 @@ use std::cell::RefCell;
 use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::sys::socket::{
@@ -68,18 +68,15 @@ pub struct Channel {
     fd: AsyncFd<OwnedFd>,
     /// The second datagram of a two-datagram `recvmmsg`, returned by the next `recv`.
     spare: Mutex<Option<Box<Received>>>,
+    /// Registered for writing while some send waits for room.
+    writer: Mutex<Option<Arc<AsyncFd<OwnedFd>>>>,
 }
 
 impl Channel {
-    /// Wraps a connected socket; fails unless it is a Unix SOCK_SEQPACKET socket.
+    /// Wraps a connected socket; fails unless it is a Unix SOCK_SEQPACKET socket
+    /// ([`check_socket`] with [`SocketKind::Channel`]).
     pub fn new(fd: OwnedFd) -> io::Result<Channel> {
-        let ty = socket::getsockopt(&fd, socket::sockopt::SockType)?;
-        if ty != SockType::SeqPacket {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "descriptor is not a SOCK_SEQPACKET socket",
-            ));
-        }
+        check_socket(fd.as_fd(), SocketKind::Channel)?;
         set_nonblocking(fd.as_fd(), true)?;
         Channel::registered(fd)
     }
@@ -88,13 +85,16 @@ impl Channel {
         Ok(Channel {
             fd: register(fd)?,
             spare: Mutex::new(None),
+            writer: Mutex::new(None),
         })
     }
 
     /// A connected pair: a channel for this process and the raw other end to hand out.
     pub fn pair() -> io::Result<(Channel, OwnedFd)> {
         let (a, b) = seqpacket_pair()?;
-        Ok((Channel::new(a)?, b))
+        // Made here: nothing to check.
+        set_nonblocking(a.as_fd(), true)?;
+        Ok((Channel::registered(a)?, b))
     }
 
     /// Connects to a listening path.
@@ -109,7 +109,54 @@ impl Channel {
     }
 
     /// Sends one datagram. Atomic: the whole frame and all descriptors, or nothing.
+    /// Waits for as long as the peer's queue stays full.
     pub async fn send(&self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+        self.send_inner(bytes, fds, None, false).await
+    }
+
+    /// One non-blocking attempt: `WouldBlock` when the peer's queue is full.
+    pub fn try_send(&self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+        if bytes.len() > MAX_DATAGRAM || fds.len() > MAX_FDS {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "datagram over the limits",
+            ));
+        }
+        let raw: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
+        let rights = [ControlMessage::ScmRights(&raw)];
+        let cmsgs: &[ControlMessage] = if raw.is_empty() { &[] } else { &rights };
+        socket::sendmsg::<()>(
+            self.fd.get_ref().as_raw_fd(),
+            &[IoSlice::new(bytes)],
+            cmsgs,
+            MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
+            None,
+        )
+        .map(drop)
+        .map_err(io::Error::from)
+    }
+
+    /// After a [`Channel::try_send`] that would block: waits for room (at most
+    /// `patience`, then `TimedOut`) and sends.
+    pub async fn send_after_full(
+        &self,
+        bytes: &[u8],
+        fds: &[BorrowedFd<'_>],
+        patience: Option<Duration>,
+    ) -> io::Result<()> {
+        self.send_inner(bytes, fds, patience, true).await
+    }
+
+    /// `wait_only`: the caller already found the queue full. With `patience`, gives
+    /// up with `TimedOut` when the queue stays full that long (a peer that does not
+    /// read); no timer is armed unless the queue is full.
+    async fn send_inner(
+        &self,
+        bytes: &[u8],
+        fds: &[BorrowedFd<'_>],
+        patience: Option<Duration>,
+        wait_only: bool,
+    ) -> io::Result<()> {
         if bytes.len() > MAX_DATAGRAM || fds.len() > MAX_FDS {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -131,20 +178,57 @@ impl Channel {
             .map(drop)
             .map_err(io::Error::from)
         };
-        match send_on(self.fd.get_ref().as_raw_fd()) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            done => return done,
+        if !wait_only {
+            match send_on(self.fd.get_ref().as_raw_fd()) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                done => return done,
+            }
         }
         // The peer's queue is full (rare). The channel is registered for reading
         // only — otherwise every read by the peer would wake this process with a
         // writable event nobody waits for — so wait for room on a duplicate that is
-        // registered for writing just for as long as this takes.
+        // registered for writing just for as long as someone waits. One duplicate
+        // per channel however many sends wait: a peer that stops reading must not
+        // multiply our descriptors.
+        let writer = WriterGuard {
+            channel: self,
+            writer: Some(self.writer()?),
+        };
+        let registered = writer.writer.as_ref().expect("set above");
+        let wait = registered.async_io(Interest::WRITABLE, |fd| send_on(fd.as_raw_fd()));
+        match patience {
+            None => wait.await,
+            Some(patience) => tokio::time::timeout(patience, wait)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("the peer has not read for {patience:?}"),
+                    ))
+                }),
+        }
+    }
+
+    /// The channel's write registration, made by the first sender that waits.
+    fn writer(&self) -> io::Result<Arc<AsyncFd<OwnedFd>>> {
+        let mut slot = self.writer.lock().unwrap();
+        if let Some(writer) = &*slot {
+            return Ok(writer.clone());
+        }
         let dup = self.fd.get_ref().try_clone()?;
         // SAFETY: as in `register`: the duplicate is owned here and closed on drop.
-        let writer = unsafe { AsyncFd::register_with_interest(dup, Interest::WRITABLE) }?;
-        writer
-            .async_io(Interest::WRITABLE, |fd| send_on(fd.as_raw_fd()))
-            .await
+        let writer = Arc::new(unsafe { AsyncFd::register_with_interest(dup, Interest::WRITABLE) }?);
+        *slot = Some(writer.clone());
+        Ok(writer)
+    }
+
+    /// Drops the write registration once its last waiter is done.
+    fn release_writer(&self, writer: Arc<AsyncFd<OwnedFd>>) {
+        let mut slot = self.writer.lock().unwrap();
+        // Ours and the slot's: nobody else waits.
+        if Arc::strong_count(&writer) == 2 {
+            *slot = None;
+        }
     }
 
     /// Receives one datagram; `Ok(None)` at end of stream.
@@ -197,6 +281,65 @@ impl Channel {
 
     pub fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.get_ref().as_fd()
+    }
+}
+
+/// What a descriptor received from a peer must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketKind {
+    /// A connection handed to an application: `SOCK_STREAM` of `AF_UNIX`, `AF_INET`
+    /// or `AF_INET6`.
+    Connection,
+    /// A switchboard channel: `AF_UNIX` `SOCK_SEQPACKET`.
+    Channel,
+}
+
+impl SocketKind {
+    /// What a descriptor of this kind is, for error messages.
+    pub fn description(self) -> &'static str {
+        match self {
+            SocketKind::Connection => "a SOCK_STREAM socket of AF_UNIX, AF_INET or AF_INET6",
+            SocketKind::Channel => "an AF_UNIX SOCK_SEQPACKET socket",
+        }
+    }
+}
+
+/// Checks that `fd` is a socket of `kind`, with `getsockopt(SO_TYPE)` and
+/// `getsockopt(SO_DOMAIN)` (two syscalls). `fstat` is not enough: an `O_PATH`
+/// descriptor of a socket *file* reports a socket mode, and whoever holds one can
+/// connect through `/proc/self/fd/N` to whatever listens there; `getsockopt` on it
+/// fails with `ENOTSOCK`, as it does for any other non-socket.
+pub fn check_socket(fd: BorrowedFd<'_>, kind: SocketKind) -> io::Result<()> {
+    let refuse = || {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("descriptor is not {}", kind.description()),
+        )
+    };
+    use rustix::net::{AddressFamily as Af, SocketType, sockopt};
+    let ty = sockopt::socket_type(fd).map_err(|_| refuse())?;
+    let domain = sockopt::socket_domain(fd).map_err(|_| refuse())?;
+    let ok = match kind {
+        SocketKind::Connection => {
+            ty == SocketType::STREAM && [Af::UNIX, Af::INET, Af::INET6].contains(&domain)
+        }
+        SocketKind::Channel => ty == SocketType::SEQPACKET && domain == Af::UNIX,
+    };
+    if ok { Ok(()) } else { Err(refuse()) }
+}
+
+/// A waiting sender's share of the write registration; the last one to finish (or
+/// be cancelled) drops it.
+struct WriterGuard<'a> {
+    channel: &'a Channel,
+    writer: Option<Arc<AsyncFd<OwnedFd>>>,
+}
+
+impl Drop for WriterGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(writer) = self.writer.take() {
+            self.channel.release_writer(writer);
+        }
     }
 }
 
@@ -517,6 +660,55 @@ mod tests {
             b.recv().await.unwrap().is_none(),
             "end of stream after the last"
         );
+    }
+
+    /// Only real sockets of the right type and family pass; an `O_PATH` descriptor
+    /// of a socket file (which `fstat` calls a socket) does not.
+    #[test]
+    fn socket_checks_use_type_and_family() {
+        let dir = tempfile_dir();
+        let path = dir.join("listening");
+        let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let o_path = OwnedFd::from(
+            std::os::unix::fs::OpenOptionsExt::custom_flags(
+                std::fs::OpenOptions::new().read(true),
+                libc::O_PATH,
+            )
+            .open(&path)
+            .unwrap(),
+        );
+        let file = OwnedFd::from(std::fs::File::open("/").unwrap());
+        let (seq, _) = seqpacket_pair().unwrap();
+        let (stream, _) = stream_pair().unwrap();
+        let udp = OwnedFd::from(std::net::UdpSocket::bind("127.0.0.1:0").unwrap());
+        let tcp = OwnedFd::from(std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+        let conn = SocketKind::Connection;
+        let chan = SocketKind::Channel;
+        for (fd, kind, ok) in [
+            (&o_path, conn, false),
+            (&o_path, chan, false),
+            (&file, conn, false),
+            (&seq, conn, false),
+            (&seq, chan, true),
+            (&stream, conn, true),
+            (&stream, chan, false),
+            (&udp, conn, false),
+            (&tcp, conn, true),
+        ] {
+            assert_eq!(
+                check_socket(fd.as_fd(), kind).is_ok(),
+                ok,
+                "{fd:?} {kind:?}"
+            );
+        }
+        assert!(Channel::new(o_path).is_err());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    fn tempfile_dir() -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("flower-transport-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
     }
 
     /// Two datagrams that arrive together, each with a descriptor: both are delivered,

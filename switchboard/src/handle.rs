@@ -16,12 +16,14 @@ use flower_proto::rpc::{Answer, Method, Peer, Stream};
 use flower_proto::switchboard::{self as sb, Right, rpc};
 use flower_proto::transport::Channel;
 use flower_proto::{Code, Labels, Status, egress, resolver, server};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::directory::{Lookup, TargetId};
 use crate::labels::{
     FixedLabels, conflicting_keys, derive_fixed, key_list, merge, merge_fixed, validate,
 };
+use crate::quota::{Quota, Ticket};
 use crate::resolvers::{MAX_TARGETS, Resolver, attempt_order};
 use crate::rights::Rights;
 use crate::{Shared, TargetEntry, TargetKind};
@@ -32,6 +34,11 @@ pub(crate) struct Handle {
     pub in_labels: FixedLabels,
     pub out_labels: FixedLabels,
     pub scope: CancellationToken,
+    /// What handles derived from this one and registrations made through it are
+    /// charged to.
+    pub quota: Arc<Quota>,
+    /// This handle's own unit of `quota`.
+    pub _ticket: Ticket,
 }
 
 /// The switchboard service on one handle's channel. Every method checks its right
@@ -47,6 +54,7 @@ impl rpc::Switchboard for Handle {
         } else {
             derive_fixed(&self.out_labels, &req.out_labels, "Out")?
         };
+        let ticket = self.quota.acquire()?;
         let (channel, theirs) =
             Channel::pair().map_err(|e| exhausted("Cannot create a handle", &e))?;
         let child = Handle {
@@ -55,6 +63,8 @@ impl rpc::Switchboard for Handle {
             in_labels,
             out_labels,
             scope: self.scope.clone(),
+            quota: self.quota.clone(),
+            _ticket: ticket,
         };
         child.serve(channel);
         let mut fds = OutFds::new();
@@ -68,9 +78,14 @@ impl rpc::Switchboard for Handle {
         _: Fds,
     ) -> Answer<sb::ClientConnectResponse> {
         self.rights.require_one(Right::ClientConnect)?;
-        let candidates = self.candidates(&req.out_labels).await?;
+        let deadline = self.connect_deadline();
+        let candidates = self.candidates(&req.out_labels, deadline).await?;
         // Every attempt has its own socketpair, so any failure may move on.
-        first_success(candidates, |_| false, |out, _| self.client_connect_to(out)).await
+        let out_of_time = |_: &Status| Instant::now() >= deadline;
+        first_success(candidates, out_of_time, |out, _| {
+            self.client_connect_to(out, deadline)
+        })
+        .await
     }
 
     async fn ingress_connect(
@@ -79,8 +94,9 @@ impl rpc::Switchboard for Handle {
         mut fds: Fds,
     ) -> Answer<sb::IngressConnectResponse> {
         self.rights.require_one(Right::IngressConnect)?;
-        let client = fds.take_socket(req.client, "client")?;
-        let candidates = self.candidates(&req.out_labels).await?;
+        let client = fds.take_connection(req.client, "client")?;
+        let deadline = self.connect_deadline();
+        let candidates = self.candidates(&req.out_labels, deadline).await?;
         let mut client = Some(client);
         // A server that timed out may still take the duplicate it was sent; offering
         // the same TCP connection to a second server would let two servers share it.
@@ -96,7 +112,7 @@ impl rpc::Switchboard for Handle {
                     .try_clone()
                     .map_err(|e| exhausted("Cannot duplicate the client", &e)),
             };
-            async move { self.ingress_connect_to(socket?, out).await }
+            async move { self.ingress_connect_to(socket?, out, deadline).await }
         })
         .await?;
         let response = sb::IngressConnectResponse {
@@ -142,7 +158,7 @@ impl rpc::Switchboard for Handle {
         keys.dedup();
         let in_labels = merge_fixed(&self.in_labels, &req.in_labels, "In")?;
         let out_labels = merge_fixed(&self.out_labels, &req.out_labels, "Out")?;
-        let (peer, theirs) = self.registration_channel()?;
+        let (peer, theirs, ticket) = self.registration_channel()?;
         let keys: Arc<[String]> = keys.into();
         let resolver = Arc::new(Resolver::new(peer.clone(), keys.clone(), out_labels));
         let id = self
@@ -159,6 +175,7 @@ impl rpc::Switchboard for Handle {
         let shared = self.shared.clone();
         peer.on_close(move || {
             shared.resolvers.lock().unwrap().remove(&keys, id);
+            drop(ticket);
             tracing::debug!(id, "resolver removed");
         });
         let mut fds = OutFds::new();
@@ -174,14 +191,21 @@ impl rpc::Switchboard for Handle {
     ) -> Result<(), Status> {
         self.rights.require_one(Right::List)?;
         let out = merge_fixed(&self.out_labels, &req.out_labels, "Out")?;
-        let all: Vec<Labels> = {
-            let mut directory = self.shared.directory.lock().unwrap();
-            let ids = directory.matching(&out);
-            ids.into_iter()
-                .map(|id| directory.get(id).unwrap().labels.clone())
-                .collect()
-        };
-        for labels in all {
+        // One target at a time: a call holds the ids that matched and one target's
+        // labels, and waits (with backpressure, cut off after the channel's send
+        // timeout) for the reader to take each. A target removed meanwhile is skipped.
+        let ids = self.shared.directory.lock().unwrap().matching(&out);
+        for id in ids {
+            let Some(labels) = self
+                .shared
+                .directory
+                .lock()
+                .unwrap()
+                .get(id)
+                .map(|t| t.labels.clone())
+            else {
+                continue;
+            };
             stream.send(&sb::ListResponse { labels }).await?;
         }
         Ok(())
@@ -192,7 +216,15 @@ impl Handle {
     /// Serves `channel` as this handle until it closes or the scope is revoked.
     pub fn serve(self, channel: Channel) {
         let scope = self.scope.clone();
-        Peer::serve(channel, Arc::new(rpc::Serve(self)), &scope);
+        let limits = self.shared.config.channel;
+        let charge = self.quota.clone();
+        Peer::serve(
+            channel,
+            Arc::new(rpc::Serve(self)),
+            &scope,
+            limits,
+            Some(charge),
+        );
     }
 
     /// Registers a target of `kind` under the handle's in-labels and `requested`;
@@ -204,7 +236,16 @@ impl Handle {
         backlog: bool,
     ) -> Answer<Option<flower_proto::Fd>> {
         let labels = merge_fixed(&self.in_labels, &requested, "In")?;
-        let (peer, theirs) = self.registration_channel()?;
+        // Everyone's List must be able to show it.
+        if !fits_list_reply(&labels) {
+            return Err(Status::invalid_argument(format!(
+                "Labels of {} bytes do not fit a List reply ({} bytes at most, with the \
+                 labels this handle adds)",
+                labels_len(&labels),
+                MAX_LIST_LABELS
+            )));
+        }
+        let (peer, theirs, ticket) = self.registration_channel()?;
         let entry = TargetEntry {
             kind,
             peer: peer.clone(),
@@ -222,6 +263,7 @@ impl Handle {
         let shared = self.shared.clone();
         peer.on_close(move || {
             shared.directory.lock().unwrap().remove(id);
+            drop(ticket);
             tracing::debug!(id, "target removed");
         });
         let mut fds = OutFds::new();
@@ -231,16 +273,27 @@ impl Handle {
 
     /// A channel on which the switchboard will call a registrant, and the registrant's
     /// end. It lives in the handle's scope, not the handle channel's: a server may
-    /// close its handle and keep serving; revoking the scope removes it.
-    fn registration_channel(&self) -> Result<(Peer, OwnedFd), Status> {
+    /// close its handle and keep serving; revoking the scope removes it. It is
+    /// charged to this handle's quota until it closes (the ticket).
+    fn registration_channel(&self) -> Result<(Peer, OwnedFd, Ticket), Status> {
+        let ticket = self.quota.acquire()?;
         let (channel, theirs) =
             Channel::pair().map_err(|e| exhausted("Cannot create a registration channel", &e))?;
-        Ok((Peer::spawn(channel, None, &self.scope), theirs))
+        let limits = self.shared.config.channel;
+        Ok((
+            Peer::spawn_with(channel, None, &self.scope, limits, Some(self.quota.clone())),
+            theirs,
+            ticket,
+        ))
     }
 
     /// The label sets to try for a connect, in order: the request merged onto the
     /// handle's out-labels, or, when a resolver applies, its expansions of that.
-    async fn candidates(&self, requested: &Labels) -> Result<Vec<Labels>, Status> {
+    async fn candidates(
+        &self,
+        requested: &Labels,
+        deadline: Instant,
+    ) -> Result<Vec<Labels>, Status> {
         let out = merge_fixed(&self.out_labels, requested, "Out")?;
         let Some(resolver) = self.shared.resolvers.lock().unwrap().find(&out)? else {
             return Ok(vec![out]);
@@ -258,6 +311,7 @@ impl Handle {
                         &call,
                         Vec::new(),
                         "Resolver",
+                        deadline,
                     )
                     .await?;
                 // A resolver is trusted with names, not with memory or label rules:
@@ -304,7 +358,11 @@ impl Handle {
         Ok((target.value.clone(), connection_labels))
     }
 
-    async fn client_connect_to(&self, out: Labels) -> Answer<sb::ClientConnectResponse> {
+    async fn client_connect_to(
+        &self,
+        out: Labels,
+        deadline: Instant,
+    ) -> Answer<sb::ClientConnectResponse> {
         let (target, labels) = self.lookup(out)?;
         let socket = match target.kind {
             TargetKind::Server => {
@@ -315,11 +373,11 @@ impl Handle {
                     .map_err(|e| exhausted("Cannot create a connection", &e))?;
                 match target.backlog {
                     true => {
-                        self.server_queue(&target.peer, theirs, labels.clone())
+                        self.server_queue(&target.peer, theirs, labels.clone(), deadline)
                             .await?
                     }
                     false => {
-                        self.server_connect(&target.peer, theirs, labels.clone())
+                        self.server_connect(&target.peer, theirs, labels.clone(), deadline)
                             .await?
                     }
                 }
@@ -335,6 +393,7 @@ impl Handle {
                         &request,
                         Vec::new(),
                         "Target",
+                        deadline,
                     )
                     .await?;
                 take_target_socket(&mut fds, reply.server)?
@@ -348,11 +407,16 @@ impl Handle {
         Ok((response, fds))
     }
 
-    async fn ingress_connect_to(&self, client: OwnedFd, out: Labels) -> Result<Labels, Status> {
+    async fn ingress_connect_to(
+        &self,
+        client: OwnedFd,
+        out: Labels,
+        deadline: Instant,
+    ) -> Result<Labels, Status> {
         let (target, labels) = self.lookup(out)?;
         match target.kind {
             TargetKind::Server => {
-                self.server_connect(&target.peer, client, labels.clone())
+                self.server_connect(&target.peer, client, labels.clone(), deadline)
                     .await?;
                 Ok(labels)
             }
@@ -367,15 +431,27 @@ impl Handle {
         server: &Peer,
         client: OwnedFd,
         labels: Labels,
+        deadline: Instant,
     ) -> Result<(), Status> {
         let mut fds = OutFds::new();
         let request = server::ConnectRequest {
             client: fds.push(client),
             connection_labels: labels,
         };
-        self.call_registrant::<server::rpc::Connect>(server, &request, fds.into_vec(), "Target")
-            .await
-            .map(drop)
+        self.call_registrant::<server::rpc::Connect>(
+            server,
+            &request,
+            fds.into_vec(),
+            "Target",
+            deadline,
+        )
+        .await
+        .map(drop)
+    }
+
+    /// When a connect that starts now must be done by.
+    fn connect_deadline(&self) -> Instant {
+        Instant::now() + self.shared.config.connect_deadline
     }
 
     /// Queues `Server.Connect` on a backlog server's channel and does not wait for the
@@ -385,39 +461,46 @@ impl Handle {
         server: &Peer,
         client: OwnedFd,
         labels: Labels,
+        deadline: Instant,
     ) -> Result<(), Status> {
         let mut fds = OutFds::new();
         let request = server::ConnectRequest {
             client: fds.push(client),
             connection_labels: labels,
         };
-        let timeout = self.shared.config.call_timeout;
-        match tokio::time::timeout(
-            timeout,
-            server.send_only::<server::rpc::Connect>(&request, fds.into_vec()),
-        )
-        .await
-        {
+        let config = &self.shared.config;
+        let until = deadline.min(Instant::now() + config.call_timeout);
+        let queued = server.send_only::<server::rpc::Connect>(&request, fds.into_vec());
+        match tokio::time::timeout_at(until, queued).await {
             Err(_) => Err(Status::deadline_exceeded(format!(
-                "Target did not take the connection within {timeout:?}"
+                "Target did not take the connection within {:?}",
+                config.call_timeout.min(config.connect_deadline)
             ))),
             Ok(Err(_)) => Err(Status::unavailable("Target went away during the call")),
             Ok(Ok(())) => Ok(()),
         }
     }
 
-    /// A call to a registrant (`what` names it in errors), bounded by the timeout.
+    /// A call to a registrant (`what` names it in errors), bounded by the call
+    /// timeout and by the connect's overall `deadline`. One timer either way.
     async fn call_registrant<M: Method>(
         &self,
         target: &Peer,
         request: &M::Request,
         fds: Vec<OwnedFd>,
         what: &str,
+        deadline: Instant,
     ) -> Result<(M::Response, Fds), Status> {
-        let timeout = self.shared.config.call_timeout;
-        match tokio::time::timeout(timeout, target.call::<M>(request, fds)).await {
+        let config = &self.shared.config;
+        let own = Instant::now() + config.call_timeout;
+        match tokio::time::timeout_at(own.min(deadline), target.call::<M>(request, fds)).await {
+            Err(_) if deadline < own => Err(Status::deadline_exceeded(format!(
+                "No target answered within the connect deadline of {:?}",
+                config.connect_deadline
+            ))),
             Err(_) => Err(Status::deadline_exceeded(format!(
-                "{what} did not answer within {timeout:?}"
+                "{what} did not answer within {:?}",
+                config.call_timeout
             ))),
             Ok(Err(status)) if status.code == Code::Unavailable && target.is_closed() => Err(
                 Status::unavailable(format!("{what} went away during the call")),
@@ -458,8 +541,32 @@ fn exhausted(what: &str, e: &std::io::Error) -> Status {
     Status::resource_exhausted(format!("{what}: {}", crate::explain_io_error(e)))
 }
 
-/// The socket an egress returned, checked to be a socket before a client gets it.
+/// The socket an egress returned, checked to be a connection before a client gets it.
 fn take_target_socket(fds: &mut Fds, field: Option<flower_proto::Fd>) -> Result<OwnedFd, Status> {
-    fds.take_socket(field, "server")
+    fds.take_connection(field, "server")
         .map_err(|e| Status::internal(format!("Egress replied badly: {e}")))
+}
+
+/// The most label bytes (as encoded in a `ListResponse`) a target may have: what fits
+/// one List reply datagram with the frame around it.
+const MAX_LIST_LABELS: usize = flower_proto::transport::MAX_DATAGRAM - 32;
+
+fn labels_len(labels: &Labels) -> usize {
+    use prost::Message;
+    sb::ListResponse {
+        labels: Labels::new(),
+    }
+    .encoded_len()
+        + prost::encoding::btree_map::encoded_len(
+            prost::encoding::string::encoded_len,
+            prost::encoding::string::encoded_len,
+            1,
+            labels,
+        )
+}
+
+/// Whether a target with `labels` can be listed: a frame is the labels plus at most
+/// 32 bytes (call id, tags, lengths, the `more` flag).
+fn fits_list_reply(labels: &Labels) -> bool {
+    labels_len(labels) <= MAX_LIST_LABELS
 }

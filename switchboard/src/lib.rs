@@ -19,6 +19,7 @@ pub mod directory;
 mod handle;
 pub mod labels;
 mod pairs;
+mod quota;
 mod resolvers;
 pub mod rights;
 pub mod systemd;
@@ -28,28 +29,51 @@ use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use flower_proto::Labels;
-use flower_proto::rpc::Peer;
+use flower_proto::rpc::{Limits, Peer};
 use flower_proto::transport::{Channel, Listener};
+use flower_proto::{Labels, Status};
 use tokio_util::sync::CancellationToken;
 
 use directory::Directory;
 use handle::Handle;
 use labels::FixedLabels;
+use quota::{Quota, Ticket, UidQuotas};
 pub use rights::Rights;
 
-/// Tunables of a switchboard.
+/// Tunables of a switchboard, most of them limits on what one peer may cost
+/// (DESIGN §10; each is listed in docs/PROTOCOL.md with its `flower switchboard` flag).
 #[derive(Debug, Clone)]
 pub struct Config {
     /// How long a registrant may take to answer `Server.Connect`, `Egress.Connect` or
     /// `Resolver.Resolve`.
     pub call_timeout: Duration,
+    /// How long one `ClientConnect` or `IngressConnect` may take in all, across
+    /// resolver candidates and replicas.
+    pub connect_deadline: Duration,
+    /// Per channel: calls served at once (and so replies waiting to be sent), and how
+    /// long a reply may wait for a peer that does not read before it is cut off.
+    pub channel: Limits,
+    /// Handles and registrations one connecting uid may hold through the socket path
+    /// (counted with `SO_PEERCRED`; everything derived from its connections counts).
+    pub max_handles_per_uid: usize,
+    /// Handles and registrations derived from one handle an embedder made
+    /// ([`Switchboard::new_handle`], one per pod).
+    pub max_handles_per_endpoint: usize,
+    /// Descriptors kept free for accepting, for refusing clearly, and for the calls
+    /// in flight; handles and registrations may use the rest of `RLIMIT_NOFILE`. At
+    /// most a quarter of the limit is reserved.
+    pub reserve_descriptors: usize,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Config {
             call_timeout: Duration::from_secs(10),
+            connect_deadline: Duration::from_secs(30),
+            channel: Limits::default(),
+            max_handles_per_uid: 16_384,
+            max_handles_per_endpoint: 1_024,
+            reserve_descriptors: 256,
         }
     }
 }
@@ -77,7 +101,18 @@ pub(crate) struct Shared {
     pub config: Config,
     /// Connection socketpairs made ahead of time, off the connect path.
     pub pairs: pairs::Pairs,
+    /// Descriptors handles and registrations may hold: `RLIMIT_NOFILE` less the
+    /// reserve.
+    pub budget: Arc<Quota>,
+    pub uid_quotas: UidQuotas,
+    /// Connections being refused right now (each holds a descriptor briefly).
+    pub refusing: Arc<Quota>,
 }
+
+/// Refusals answered at once; beyond that a refused connection is just closed.
+const MAX_REFUSING: usize = 32;
+/// How long a refused connection may take to send its first call.
+const REFUSAL_PATIENCE: Duration = Duration::from_secs(1);
 
 /// `e`, with what to do about it when it is a descriptor limit.
 pub(crate) fn explain_io_error(e: &io::Error) -> String {
@@ -120,13 +155,32 @@ impl Scope {
 }
 
 impl Switchboard {
+    /// A switchboard whose descriptor budget is the current `RLIMIT_NOFILE` less
+    /// the reserve (set the limit first).
     pub fn new(config: Config) -> Switchboard {
+        let nofile = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map(|(soft, _)| soft)
+            .unwrap_or(1024)
+            .min(usize::MAX as u64 / 2) as usize;
+        let reserve = config.reserve_descriptors.min(nofile / 4);
+        let budget = Quota::new(
+            nofile - reserve,
+            format!(
+                "The switchboard's descriptors are used up: RLIMIT_NOFILE {nofile}, of which \
+                 {reserve} are kept in reserve (--reserve-descriptors); raise the limit \
+                 (--nofile, LimitNOFILE=) or close handles"
+            ),
+            None,
+        );
         Switchboard {
             shared: Arc::new(Shared {
                 directory: Mutex::new(Directory::new()),
                 resolvers: Mutex::default(),
                 config,
                 pairs: pairs::Pairs::new(),
+                budget,
+                uid_quotas: UidQuotas::default(),
+                refusing: Quota::new(MAX_REFUSING, String::new(), None),
             }),
             root: CancellationToken::new(),
         }
@@ -145,6 +199,31 @@ impl Switchboard {
             labels::validate(labels)
                 .map_err(|status| io::Error::new(io::ErrorKind::InvalidInput, status.message))?;
         }
+        let limit = self.shared.config.max_handles_per_endpoint;
+        let quota = Quota::new(
+            limit,
+            format!(
+                "This endpoint holds {limit} handles and registrations, the most one may \
+                 (--max-handles-per-endpoint)"
+            ),
+            Some(self.shared.budget.clone()),
+        );
+        let ticket = quota
+            .acquire()
+            .map_err(|status| io::Error::other(status.message))?;
+        Ok(self.serve_charged(channel, rights, in_labels, out_labels, quota, ticket))
+    }
+
+    /// Serves `channel` as a handle charged to `quota` (`ticket` is its own unit).
+    fn serve_charged(
+        &self,
+        channel: Channel,
+        rights: Rights,
+        in_labels: &Labels,
+        out_labels: &Labels,
+        quota: Arc<Quota>,
+        ticket: Ticket,
+    ) -> Scope {
         let token = self.root.child_token();
         let fixed_in = FixedLabels::new(in_labels);
         let handle = Handle {
@@ -156,9 +235,11 @@ impl Switchboard {
             },
             in_labels: fixed_in,
             scope: token.clone(),
+            quota,
+            _ticket: ticket,
         };
         handle.serve(channel);
-        Ok(Scope { token })
+        Scope { token }
     }
 
     /// Creates a handle and returns the descriptor to pass to its user.
@@ -193,10 +274,7 @@ impl Switchboard {
                 () = &mut shutdown => break,
                 _ = keeper.tick() => {}
                 accepted = listener.accept() => match accepted {
-                    Ok(channel) => {
-                        // No labels: nothing to refuse.
-                        let _ = self.serve_handle(channel, Rights::ALL, &none, &none);
-                    }
+                    Ok(channel) => self.admit(channel, &none),
                     Err(e) => {
                         // EMFILE/ENFILE and friends: say so, and do not spin.
                         tracing::error!("accept failed: {}", explain_io_error(&e));
@@ -206,5 +284,35 @@ impl Switchboard {
             }
         }
         self.root.cancel();
+    }
+
+    /// Serves a connection accepted on the socket path as a full handle, charged to
+    /// the connecting uid; refuses it with a clear error when that uid, or the
+    /// switchboard, holds all it may.
+    fn admit(&self, channel: Channel, none: &Labels) {
+        let shared = &self.shared;
+        let charged = rustix::net::sockopt::socket_peercred(channel.as_fd())
+            .map_err(|e| Status::internal(format!("Cannot tell who connected: {e}")))
+            .and_then(|cred| {
+                let uid = cred.uid.as_raw();
+                let quota =
+                    shared
+                        .uid_quotas
+                        .get(uid, shared.config.max_handles_per_uid, &shared.budget);
+                let ticket = quota.acquire()?;
+                Ok((quota, ticket))
+            });
+        match charged {
+            Ok((quota, ticket)) => {
+                self.serve_charged(channel, Rights::ALL, none, none, quota, ticket);
+            }
+            Err(status) => {
+                tracing::warn!("refusing a connection: {}", status.message);
+                // Bounded: a flood of refused connections must not eat the reserve.
+                if let Ok(slot) = shared.refusing.acquire() {
+                    Peer::refuse(channel, status, REFUSAL_PATIENCE, slot);
+                }
+            }
+        }
     }
 }
