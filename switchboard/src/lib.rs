@@ -163,8 +163,9 @@ impl Switchboard {
             .unwrap_or(1024)
             .min(usize::MAX as u64 / 2) as usize;
         let reserve = config.reserve_descriptors.min(nofile / 4);
+        // The socketpair pool's descriptors are held from the start.
         let budget = Quota::new(
-            nofile - reserve,
+            nofile.saturating_sub(reserve + pairs::DESCRIPTORS),
             format!(
                 "The switchboard's descriptors are used up: RLIMIT_NOFILE {nofile}, of which \
                  {reserve} are kept in reserve (--reserve-descriptors); raise the limit \

@@ -15,6 +15,8 @@ use flower_proto::transport::stream_pair;
 
 /// Pairs kept ready.
 const CAPACITY: usize = 8;
+/// Descriptors the pool holds when full, outside the handles' budget.
+pub(crate) const DESCRIPTORS: usize = 2 * CAPACITY;
 
 #[derive(Clone)]
 pub(crate) struct Pairs(Arc<Inner>);
