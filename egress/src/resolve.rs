@@ -27,7 +27,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Result;
 use flower_proto::client::ResolveRequest;
-use flower_proto::resolver::{ResolveResponse, Target};
+use flower_proto::resolver::{Candidate, ResolveResponse};
 use flower_proto::switchboard::Right;
 use flower_proto::{Labels, Status};
 use hickory_resolver::TokioResolver;
@@ -138,7 +138,7 @@ impl Names {
         let (addresses, lifetime) = self.addresses(host).await?;
         let targets = addresses
             .into_iter()
-            .map(|ip| Target {
+            .map(|ip| Candidate {
                 out_labels: Labels::from([
                     (
                         "address_family".into(),

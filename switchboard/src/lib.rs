@@ -61,14 +61,14 @@ pub(crate) enum TargetKind {
 
 /// What the directory stores per target: how to call its registrant.
 #[derive(Clone)]
-pub(crate) struct TargetEntry {
+pub(crate) struct Registrant {
     pub kind: TargetKind,
     pub peer: Peer,
 }
 
-pub(crate) struct Shared {
+pub(crate) struct State {
     /// One lock: every critical section is a few hash probes, never an await.
-    pub directory: Mutex<Directory<TargetEntry>>,
+    pub directory: Mutex<Directory<Registrant>>,
     pub resolvers: Mutex<resolvers::Resolvers>,
     pub config: Config,
 }
@@ -95,7 +95,7 @@ pub(crate) fn explain_io_error(e: &io::Error) -> String {
 /// A running switchboard (cheap to clone).
 #[derive(Clone)]
 pub struct Switchboard {
-    shared: Arc<Shared>,
+    shared: Arc<State>,
     root: CancellationToken,
 }
 
@@ -116,7 +116,7 @@ impl Scope {
 impl Switchboard {
     pub fn new(config: Config) -> Switchboard {
         Switchboard {
-            shared: Arc::new(Shared {
+            shared: Arc::new(State {
                 directory: Mutex::new(Directory::new()),
                 resolvers: Mutex::default(),
                 config,
