@@ -28,6 +28,11 @@ use flower_proto::client::Switchboard;
 use flower_proto::switchboard::Right;
 use flower_proto::transport::blocking;
 use flower_proto::{Labels, Status};
+use flower_tools::labels::{
+    ADDRESS_FAMILY, INET, INET6, SERVER_ADDRESS, SERVER_PATH, SERVER_PORT, UNIX, required,
+};
+use flower_tools::ready::{self, Startup};
+use flower_tools::{backoff, bounded};
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -45,12 +50,14 @@ impl Default for Options {
     }
 }
 
-const BACKOFF_MIN: Duration = Duration::from_millis(50);
-const BACKOFF_MAX: Duration = Duration::from_secs(2);
-
 /// Registers an egress and serves forever, re-registering whenever the switchboard
 /// comes back.
-pub async fn connect(path: &Path, labels: &Labels, options: Options) -> Result<()> {
+pub async fn connect(
+    path: &Path,
+    labels: &Labels,
+    options: Options,
+    startup: Startup,
+) -> Result<()> {
     let mut options = options;
     for prefix in &mut options.allowed_unix_prefixes {
         *prefix = std::fs::canonicalize(&*prefix)
@@ -61,6 +68,7 @@ pub async fn connect(path: &Path, labels: &Labels, options: Options) -> Result<(
         path,
         Right::EgressStart,
         labels,
+        startup,
         |handle| async move { Ok(handle.egress_start(&Labels::new()).await?) },
         |mut egress| {
             let options = options.clone();
@@ -70,8 +78,11 @@ pub async fn connect(path: &Path, labels: &Labels, options: Options) -> Result<(
                     let options = options.clone();
                     tokio::spawn(async move {
                         let result = dial(&request.labels, &options).await;
-                        if let Err(e) = &result {
-                            tracing::info!(labels = ?request.labels, "connect failed: {e}");
+                        match &result {
+                            Ok(_) => tracing::debug!(labels = ?request.labels, "connected"),
+                            Err(e) => {
+                                tracing::info!(labels = ?request.labels, "connect failed: {e}")
+                            }
                         }
                         request.respond(result);
                     });
@@ -86,10 +97,12 @@ pub async fn connect(path: &Path, labels: &Labels, options: Options) -> Result<(
 /// makes a registration with `register` and runs `serve` on it until the switchboard
 /// closes it; then does it all again, with backoff, for as long as it takes. At
 /// start-up a missing switchboard or a refused registration is an error instead.
+/// Every attempt is bounded by the start-up wait; readiness is told once.
 pub(crate) async fn keep_registered<R, Reg, Serve>(
     path: &Path,
     right: Right,
     labels: &Labels,
+    startup: Startup,
     register: impl Fn(Switchboard) -> Reg,
     mut serve: impl FnMut(R) -> Serve,
 ) -> Result<()>
@@ -97,55 +110,40 @@ where
     Reg: Future<Output = Result<R>>,
     Serve: Future<Output = ()>,
 {
-    let mut first = true;
-    let mut delay = BACKOFF_MIN;
+    let wait = startup.wait();
+    let mut ready = startup.ready;
+    let attempt = || {
+        bounded(wait, "registering with the switchboard", async {
+            register(Switchboard::connect_as(path, &[right], labels).await?).await
+        })
+    };
+    let mut registration = attempt().await?;
+    ready::notify(&mut ready, &serde_json::to_string(labels)?);
     loop {
-        let registered = match Switchboard::connect_as(path, &[right], labels).await {
-            Ok(handle) => register(handle).await,
-            Err(e) => Err(e.into()),
-        };
-        let registration = match registered {
-            Ok(registration) => registration,
-            Err(e) if first => return Err(e),
-            Err(e) => {
-                tracing::debug!("cannot register yet, retrying in {delay:?}: {e:#}");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(BACKOFF_MAX);
-                continue;
-            }
-        };
-        first = false;
-        delay = BACKOFF_MIN;
         serve(registration).await;
         tracing::warn!(path = %path.display(), "switchboard closed the registration; re-registering");
+        registration = backoff::retry("registering with the switchboard", None, attempt).await?;
     }
-}
-
-fn label<'a>(labels: &'a Labels, key: &str) -> Result<&'a str, Status> {
-    labels
-        .get(key)
-        .map(String::as_str)
-        .ok_or_else(|| Status::invalid_argument(format!("Missing label {key}")))
 }
 
 /// Connects as the labels say.
 pub async fn dial(labels: &Labels, options: &Options) -> Result<OwnedFd, Status> {
-    let family = label(labels, "address_family")?;
+    let family = required(labels, ADDRESS_FAMILY)?;
     let timeout = options.connect_timeout;
     match family {
-        "inet" | "inet6" => {
-            let address = label(labels, "server_address")?;
+        INET | INET6 => {
+            let address = required(labels, SERVER_ADDRESS)?;
             let ip: IpAddr = address.parse().map_err(|_| {
                 Status::invalid_argument(format!(
                     "Label server_address {address:?} is not a numeric IP address"
                 ))
             })?;
-            if ip.is_ipv4() != (family == "inet") {
+            if ip.is_ipv4() != (family == INET) {
                 return Err(Status::invalid_argument(format!(
                     "Label server_address {address:?} does not match address_family {family:?}"
                 )));
             }
-            let port = label(labels, "server_port")?;
+            let port = required(labels, SERVER_PORT)?;
             let port: u16 = port.parse().map_err(|_| {
                 Status::invalid_argument(format!("Label server_port {port:?} is not a port number"))
             })?;
@@ -169,8 +167,8 @@ pub async fn dial(labels: &Labels, options: &Options) -> Result<OwnedFd, Status>
                 .and_then(|s| blocking(s.into()))
                 .map_err(|e| Status::internal(format!("Cannot hand over the connection: {e}")))
         }
-        "unix" => {
-            let path = Path::new(label(labels, "server_path")?);
+        UNIX => {
+            let path = Path::new(required(labels, SERVER_PATH)?);
             // Resolve symlinks and `..` first, then check and connect to what was checked.
             let real = tokio::fs::canonicalize(path).await.map_err(|e| {
                 Status::unavailable(format!("Cannot connect to {}: {e}", path.display()))
