@@ -2,26 +2,51 @@
 
 mod args;
 
+use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use flower_tools::ready::{ReadyFd, Startup};
 
-use args::{UsageError, default_path, path_and_labels};
+use args::{UsageError, default_path, parse_seconds, path_and_labels};
 
 /// Label-routed socket switchboard.
 ///
 /// Processes ask the switchboard for connections by labels instead of calling
 /// bind() and connect(). PATH defaults to $FLOWER_SWITCHBOARD, else
 /// /run/flower/switchboard for root, else $XDG_RUNTIME_DIR/flower/switchboard.
-/// LABELS are a JSON object ('{"app":"web"}') and/or key=value words.
+/// LABELS are a JSON object ('{"app":"web"}') and/or key=value words (one word may
+/// hold several: app=web,pod=a). PATH must contain a '/' (./sb); a word that is
+/// neither is a usage error. Exit status: 0 done, 1 failed (the message says why),
+/// 2 bad command line. RUST_LOG=debug logs every step on stderr.
 #[derive(Parser)]
 #[command(name = "flower", version, propagate_version = true)]
 struct Cli {
+    /// Log as JSON lines (every subcommand logs to stderr, filtered by RUST_LOG).
+    #[arg(long, global = true)]
+    log_json: bool,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How long a client command waits.
+#[derive(Args, Clone, Copy, Debug)]
+struct Patience {
+    /// Give up after SECONDS: connecting to the switchboard and each call to it are
+    /// bounded by it (default 30 s).
+    #[arg(short = 'w', long = "timeout", value_name = "SECONDS", value_parser = parse_seconds)]
+    wait: Option<Duration>,
+}
+
+/// Readiness, for scripts.
+#[derive(Args, Clone, Copy, Debug)]
+struct Readiness {
+    /// Once ready, write one line to descriptor N (opened by the caller) and close it.
+    #[arg(long, value_name = "N")]
+    ready_fd: Option<RawFd>,
 }
 
 #[derive(Subcommand)]
@@ -43,12 +68,12 @@ enum Command {
         #[arg(long)]
         group: Option<String>,
         /// Seconds a registered server, egress or resolver may take to answer.
-        #[arg(long, default_value_t = 10.0)]
-        call_timeout: f64,
+        #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = parse_seconds)]
+        call_timeout: Duration,
         /// Seconds one connect may take in all, across resolver candidates and
         /// replicas.
-        #[arg(long, default_value_t = 30.0)]
-        connect_deadline: f64,
+        #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = parse_seconds)]
+        connect_deadline: Duration,
         /// Calls served at once per channel; a client pipelining more waits (the
         /// switchboard stops reading its channel). Also bounds its unsent replies.
         #[arg(long, value_name = "N", default_value_t = 64,
@@ -56,8 +81,8 @@ enum Command {
         max_calls_in_flight: u32,
         /// Seconds a reply may wait for a peer that does not read; then the
         /// channel is closed.
-        #[arg(long, default_value_t = 10.0)]
-        send_timeout: f64,
+        #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = parse_seconds)]
+        send_timeout: Duration,
         /// Handles and registrations one uid may hold through the socket path
         /// (a new connection over it is refused with RESOURCE_EXHAUSTED).
         #[arg(long, value_name = "N", default_value_t = 16_384)]
@@ -70,9 +95,6 @@ enum Command {
         /// have used the rest of the limit (at most a quarter of it).
         #[arg(long, value_name = "N", default_value_t = 256)]
         reserve_descriptors: usize,
-        /// Log as JSON lines.
-        #[arg(long)]
-        log_json: bool,
         /// Descriptor limit (each handle and target holds one). Default: raise the
         /// soft limit to the hard one, and the hard one to fs.nr_open if permitted.
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(16..))]
@@ -89,13 +111,33 @@ enum Command {
     ///
     /// Prints the connection labels as JSON on stderr once connected. With -l,
     /// registers as a server under LABELS instead and serves one connection.
-    /// Each direction is half-closed at end of file; exits when both are done.
+    /// Each direction is half-closed at end of file; exits when both are done, or
+    /// at once (quietly) when stdout is closed, as in `flower cat app=x | head -1`.
+    ///
+    /// Scripts: `flower cat -l app=x </dev/null & flower wait app=x && flower cat app=x`.
     Cat {
-        /// Listen: register as a server and accept a single connection.
+        /// Listen: register as a server and accept a single connection. With -w,
+        /// also give up if no client comes within SECONDS.
         #[arg(short, long)]
         listen: bool,
+        #[command(flatten)]
+        wait: Patience,
+        /// With -l: once registered, write the labels to descriptor N and close it.
+        #[command(flatten)]
+        ready: Readiness,
         /// [PATH] LABELS...
         #[arg(required = true, value_name = "[PATH] LABELS")]
+        args: Vec<String>,
+    },
+    /// Wait until a target matching LABELS is registered (at most -w, default 30 s).
+    ///
+    /// Exits 0 once at least one matches, 1 if none did in time. A switchboard
+    /// that is still starting is waited for too.
+    Wait {
+        #[command(flatten)]
+        wait: Patience,
+        /// [PATH] LABELS...
+        #[arg(value_name = "[PATH] [LABELS]")]
         args: Vec<String>,
     },
     /// Turn accepted connections into switchboard connections.
@@ -104,8 +146,13 @@ enum Command {
     /// Make outbound connections on the switchboard's behalf.
     #[command(subcommand)]
     Egress(EgressCommand),
-    /// List the targets matching LABELS, one JSON object per line.
+    /// List the targets matching LABELS, oldest first, one JSON object per line.
     Ls {
+        /// Long form: key=value words, quoted for the shell where needed.
+        #[arg(short, long)]
+        long: bool,
+        #[command(flatten)]
+        wait: Patience,
         /// [PATH] [LABELS...]
         #[arg(value_name = "[PATH] [LABELS]")]
         args: Vec<String>,
@@ -117,14 +164,27 @@ enum IngressCommand {
     /// Accept on ADDRESS and push each connection to the server matching LABELS.
     ///
     /// ADDRESS is IPv4:port (0.0.0.0:80), [IPv6]:port ([::]:80) or a Unix socket
-    /// path. Port 0 picks a free port and logs it. Each connection carries the labels
+    /// path (anything with a '/' or without a ':'). Port 0 picks a free port and logs
+    /// it (and --ready-fd writes it). Each connection carries the labels
     /// address_family, client_address, client_port, server_address, server_port
     /// (Unix: address_family=unix, server_path). A failed push closes that
     /// connection only; if the switchboard restarts, the ingress reconnects.
+    /// SIGTERM or SIGINT exit 0 and remove a Unix socket file; a stale one left by a
+    /// killed ingress is replaced at start.
     Accept {
         /// Where to listen.
         #[arg(value_parser = parse_address)]
         address: flower_ingress::Address,
+        /// Permission bits of a Unix socket file, in octal (connecting needs write).
+        #[arg(long, value_parser = parse_mode)]
+        mode: Option<u32>,
+        /// Bound on connecting to the switchboard and on each push (default: 30 s
+        /// to start, 10 s per connection).
+        #[command(flatten)]
+        wait: Patience,
+        /// Once listening, write the bound address to descriptor N and close it.
+        #[command(flatten)]
+        ready: Readiness,
         /// [PATH] LABELS...
         #[arg(required = true, value_name = "[PATH] LABELS")]
         args: Vec<String>,
@@ -144,8 +204,14 @@ enum EgressCommand {
         #[arg(long = "allow-unix-prefix", value_name = "DIR")]
         allow_unix_prefix: Vec<PathBuf>,
         /// Seconds to wait for an outbound connect.
-        #[arg(long, default_value_t = 10.0)]
-        connect_timeout: f64,
+        #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = parse_seconds)]
+        connect_timeout: Duration,
+        /// Bound on each attempt to register (default 30 s).
+        #[command(flatten)]
+        wait: Patience,
+        /// Once registered, write the labels to descriptor N and close it.
+        #[command(flatten)]
+        ready: Readiness,
         /// [PATH] LABELS...
         #[arg(required = true, value_name = "[PATH] LABELS")]
         args: Vec<String>,
@@ -170,6 +236,12 @@ enum EgressCommand {
         /// Answer only from numeric names, the hosts file and localhost.
         #[arg(long)]
         no_dns: bool,
+        /// Bound on each attempt to register (default 30 s).
+        #[command(flatten)]
+        wait: Patience,
+        /// Once registered, write the labels to descriptor N and close it.
+        #[command(flatten)]
+        ready: Readiness,
         /// [PATH] LABELS...
         #[arg(required = true, value_name = "[PATH] LABELS")]
         args: Vec<String>,
@@ -180,10 +252,6 @@ fn parse_address(s: &str) -> Result<flower_ingress::Address, String> {
     s.parse()
 }
 
-fn seconds(value: f64, flag: &str) -> Result<Duration, UsageError> {
-    Duration::try_from_secs_f64(value).map_err(|_| UsageError(format!("invalid {flag} {value}")))
-}
-
 fn parse_mode(s: &str) -> Result<u32, String> {
     u32::from_str_radix(s.trim_start_matches("0o"), 8)
         .ok()
@@ -191,6 +259,7 @@ fn parse_mode(s: &str) -> Result<u32, String> {
         .ok_or_else(|| format!("{s:?} is not an octal file mode"))
 }
 
+/// Logs to stderr, filtered by RUST_LOG (default: info). Only the first call counts.
 fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -199,14 +268,31 @@ fn init_logging(json: bool) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
-    if json {
-        builder.json().init();
+    let _ = if json {
+        builder.json().try_init()
     } else {
-        builder.init();
+        builder.try_init()
+    };
+}
+
+impl Command {
+    /// The descriptor `--ready-fd` names, if any.
+    fn ready_fd(&self) -> Option<RawFd> {
+        match self {
+            Command::Cat { ready, .. }
+            | Command::Ingress(IngressCommand::Accept { ready, .. })
+            | Command::Egress(EgressCommand::Connect { ready, .. })
+            | Command::Egress(EgressCommand::Resolve { ready, .. }) => ready.ready_fd,
+            _ => None,
+        }
     }
 }
 
-async fn run(command: Command, activated: Option<std::os::fd::OwnedFd>) -> Result<()> {
+async fn run(
+    command: Command,
+    activated: Option<std::os::fd::OwnedFd>,
+    ready: Option<ReadyFd>,
+) -> Result<()> {
     match command {
         Command::Switchboard {
             path,
@@ -219,22 +305,19 @@ async fn run(command: Command, activated: Option<std::os::fd::OwnedFd>) -> Resul
             max_handles_per_uid,
             max_handles_per_endpoint,
             reserve_descriptors,
-            log_json,
             nofile,
             threads: _,
         } => {
-            init_logging(log_json);
             let path = match path {
                 Some(p) => p,
                 None => default_path()?,
             };
-            let call_timeout = seconds(call_timeout, "--call-timeout")?;
             let config = flower_switchboard::Config {
                 call_timeout,
-                connect_deadline: seconds(connect_deadline, "--connect-deadline")?,
+                connect_deadline,
                 channel: flower_proto::rpc::Limits {
                     calls_in_flight: max_calls_in_flight as usize,
-                    send_timeout: Some(seconds(send_timeout, "--send-timeout")?),
+                    send_timeout: Some(send_timeout),
                 },
                 max_handles_per_uid,
                 max_handles_per_endpoint,
@@ -250,47 +333,88 @@ async fn run(command: Command, activated: Option<std::os::fd::OwnedFd>) -> Resul
             })
             .await?;
         }
-        Command::Cat { listen, args } => {
-            init_logging(false);
+        Command::Cat {
+            listen,
+            wait,
+            ready: _,
+            args,
+        } => {
+            if ready.is_some() && !listen {
+                return Err(UsageError("--ready-fd needs -l".into()).into());
+            }
             let (path, labels) = path_and_labels(&args)?;
-            flowercat::cat(&path, &labels, listen).await?;
+            let options = flower_tools::CatOptions {
+                listen,
+                wait: wait.wait,
+                ready,
+            };
+            flower_tools::cat(&path, &labels, options).await?;
         }
-        Command::Ingress(IngressCommand::Accept { address, args }) => {
-            init_logging(false);
+        Command::Wait { wait, args } => {
             let (path, labels) = path_and_labels(&args)?;
-            flower_ingress::accept(&address, &path, &labels).await?;
+            let limit = wait.wait.unwrap_or(flower_tools::DEFAULT_WAIT);
+            flower_tools::wait(&path, &labels, limit).await?;
+        }
+        Command::Ingress(IngressCommand::Accept {
+            address,
+            mode,
+            wait,
+            ready: _,
+            args,
+        }) => {
+            let (path, labels) = path_and_labels(&args)?;
+            let options = flower_ingress::Options { mode };
+            let startup = Startup {
+                wait: wait.wait,
+                ready,
+            };
+            flower_ingress::accept(&address, &path, &labels, options, startup).await?;
         }
         Command::Egress(EgressCommand::Connect {
             allow_unix_prefix,
             connect_timeout,
+            wait,
+            ready: _,
             args,
         }) => {
-            init_logging(false);
             let (path, labels) = path_and_labels(&args)?;
             let options = flower_egress::Options {
                 allowed_unix_prefixes: allow_unix_prefix,
-                connect_timeout: seconds(connect_timeout, "--connect-timeout")?,
+                connect_timeout,
             };
-            flower_egress::connect(&path, &labels, options).await?;
+            let startup = Startup {
+                wait: wait.wait,
+                ready,
+            };
+            flower_egress::connect(&path, &labels, options, startup).await?;
         }
         Command::Egress(EgressCommand::Resolve {
             hosts_file,
             no_dns,
+            wait,
+            ready: _,
             args,
         }) => {
-            init_logging(false);
             let (path, labels) = path_and_labels(&args)?;
             let options = flower_egress::ResolveOptions {
                 hosts_file,
                 dns: !no_dns,
                 ..Default::default()
             };
-            flower_egress::resolve(&path, &labels, options).await?;
+            let startup = Startup {
+                wait: wait.wait,
+                ready,
+            };
+            flower_egress::resolve(&path, &labels, options, startup).await?;
         }
-        Command::Ls { args } => {
-            init_logging(false);
+        Command::Ls { long, wait, args } => {
             let (path, labels) = path_and_labels(&args)?;
-            flowercat::ls(&path, &labels, &mut std::io::stdout().lock()).await?;
+            let format = match long {
+                true => flower_tools::Format::Words,
+                false => flower_tools::Format::Json,
+            };
+            let limit = wait.wait.unwrap_or(flower_tools::DEFAULT_WAIT);
+            flower_tools::ls(&path, &labels, format, limit, &mut std::io::stdout().lock()).await?;
         }
     }
     Ok(())
@@ -298,6 +422,16 @@ async fn run(command: Command, activated: Option<std::os::fd::OwnedFd>) -> Resul
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logging(cli.log_json);
+    // Before the runtime opens descriptors of its own (see `ReadyFd::claim`).
+    let ready = match cli.command.ready_fd().map(ReadyFd::claim) {
+        Some(Err(e)) => {
+            eprintln!("flower: {e}");
+            return ExitCode::from(2);
+        }
+        Some(Ok(fd)) => Some(fd),
+        None => None,
+    };
     let threads = match &cli.command {
         Command::Switchboard { threads, .. } => Some(*threads),
         _ => None,
@@ -322,7 +456,7 @@ fn main() -> ExitCode {
         _ => tokio::runtime::Builder::new_current_thread(),
     };
     let runtime = builder.enable_all().build().expect("tokio runtime");
-    let result = runtime.block_on(run(cli.command, activated));
+    let result = runtime.block_on(run(cli.command, activated, ready));
     let code = match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -337,4 +471,12 @@ fn main() -> ExitCode {
     // Do not wait for a blocked stdin reader thread at runtime shutdown.
     runtime.shutdown_background();
     code
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        <super::Cli as clap::CommandFactory>::command().debug_assert();
+    }
 }

@@ -576,7 +576,7 @@ async fn a_connect_has_one_overall_deadline() {
         while let Some(request) = resolver.next().await {
             request.respond(Ok(flower_proto::resolver::ResolveResponse {
                 targets: (0..5)
-                    .map(|i| flower_proto::resolver::Target {
+                    .map(|i| flower_proto::resolver::Candidate {
                         out_labels: labels(&[("replica", &i.to_string())]),
                         weight: 1,
                     })

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::*;
 use flower_proto::client::{Resolver, Server, Switchboard};
-use flower_proto::resolver::{ResolveResponse, Target};
+use flower_proto::resolver::{Candidate, ResolveResponse};
 use flower_proto::switchboard::Right;
 use flower_proto::{Code, Labels, Status};
 
@@ -37,7 +37,7 @@ fn candidates(list: &[(&[(&str, &str)], u32)], cache_seconds: u32) -> ResolveRes
     ResolveResponse {
         targets: list
             .iter()
-            .map(|(out, weight)| Target {
+            .map(|(out, weight)| Candidate {
                 out_labels: labels(out),
                 weight: *weight,
             })

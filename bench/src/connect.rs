@@ -53,14 +53,9 @@ impl Kind {
 }
 
 /// `key=value` words into labels.
+/// `key=value` words, parsed as every `flower` command parses them.
 pub fn parse_labels(words: &[String]) -> Result<Labels> {
-    words
-        .iter()
-        .map(|w| match w.split_once('=') {
-            Some((k, v)) => Ok((k.to_owned(), v.to_owned())),
-            None => bail!("label {w:?} is not key=value"),
-        })
-        .collect()
+    Ok(flower_tools::args::parse_labels(words)?)
 }
 
 // ---------------------------------------------------------------- client process

@@ -84,6 +84,8 @@ pub fn bind(path: &Path, mode: u32, group: Option<&str>) -> io::Result<Listener>
     let context = |what: &str, e: io::Error| {
         io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
     };
+    // Before anything exists on disk: an unknown group must not leave a socket behind.
+    let gid = group.map(group_id).transpose()?;
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)
             .map_err(|e| context("cannot create the directory of", e))?;
@@ -130,25 +132,24 @@ pub fn bind(path: &Path, mode: u32, group: Option<&str>) -> io::Result<Listener>
     let listener = bound.map_err(|e| context("cannot listen on", e))?;
     // Group first, mode second: widening the mode while the socket still has the
     // daemon's own group would let that group's members in for a moment.
-    if let Some(group) = group {
-        let gid = match nix::unistd::Group::from_name(group) {
-            Ok(Some(g)) => g.gid,
-            _ => match group.parse::<u32>() {
-                Ok(gid) => nix::unistd::Gid::from_raw(gid),
-                Err(_) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::NotFound,
-                        format!("unknown group {group}"),
-                    ));
-                }
-            },
-        };
+    if let Some(gid) = gid {
         nix::unistd::chown(path, None, Some(gid))
             .map_err(|e| context("cannot change the group of", e.into()))?;
     }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(|e| context("cannot set the mode of", e))?;
     Ok(listener)
+}
+
+/// A group name, or a number.
+fn group_id(group: &str) -> io::Result<nix::unistd::Gid> {
+    match nix::unistd::Group::from_name(group) {
+        Ok(Some(g)) => Ok(g.gid),
+        _ => group
+            .parse::<u32>()
+            .map(nix::unistd::Gid::from_raw)
+            .map_err(|_| io::Error::new(io::ErrorKind::NotFound, format!("unknown group {group}"))),
+    }
 }
 
 /// Tries to connect to `path`. Only a refused connect proves the socket stale.

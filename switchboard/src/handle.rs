@@ -26,10 +26,10 @@ use crate::labels::{
 use crate::quota::{Quota, Ticket};
 use crate::resolvers::{MAX_TARGETS, Resolver, attempt_order};
 use crate::rights::Rights;
-use crate::{Shared, TargetEntry, TargetKind};
+use crate::{Registrant, State, TargetKind};
 
 pub(crate) struct Handle {
-    pub shared: Arc<Shared>,
+    pub shared: Arc<State>,
     pub rights: Rights,
     pub in_labels: FixedLabels,
     pub out_labels: FixedLabels,
@@ -246,7 +246,7 @@ impl Handle {
             )));
         }
         let (peer, theirs, ticket) = self.registration_channel()?;
-        let entry = TargetEntry {
+        let entry = Registrant {
             kind,
             peer: peer.clone(),
             backlog,
@@ -316,7 +316,7 @@ impl Handle {
                     .await?;
                 // A resolver is trusted with names, not with memory or label rules:
                 // keep a bounded number of well-formed targets.
-                let targets: Arc<[resolver::Target]> = reply
+                let targets: Arc<[resolver::Candidate]> = reply
                     .targets
                     .into_iter()
                     .filter(|t| validate(&t.out_labels).is_ok())
@@ -339,7 +339,7 @@ impl Handle {
     }
 
     /// Looks up the one target for `out`; returns it with the connection labels.
-    fn lookup(&self, out: Labels) -> Result<(TargetEntry, Labels), Status> {
+    fn lookup(&self, out: Labels) -> Result<(Registrant, Labels), Status> {
         let mut directory = self.shared.directory.lock().unwrap();
         let id: TargetId = match directory.lookup(&out) {
             Lookup::NotFound => return Err(Status::not_found("No matching target found")),

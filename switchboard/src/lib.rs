@@ -86,7 +86,7 @@ pub(crate) enum TargetKind {
 
 /// What the directory stores per target: how to call its registrant.
 #[derive(Clone)]
-pub(crate) struct TargetEntry {
+pub(crate) struct Registrant {
     pub kind: TargetKind,
     pub peer: Peer,
     /// A server that takes connections into a backlog: its clients are answered as
@@ -94,9 +94,9 @@ pub(crate) struct TargetEntry {
     pub backlog: bool,
 }
 
-pub(crate) struct Shared {
+pub(crate) struct State {
     /// One lock: every critical section is a few hash probes, never an await.
-    pub directory: Mutex<Directory<TargetEntry>>,
+    pub directory: Mutex<Directory<Registrant>>,
     pub resolvers: Mutex<resolvers::Resolvers>,
     pub config: Config,
     /// Connection socketpairs made ahead of time, off the connect path.
@@ -136,7 +136,7 @@ pub(crate) fn explain_io_error(e: &io::Error) -> String {
 /// A running switchboard (cheap to clone).
 #[derive(Clone)]
 pub struct Switchboard {
-    shared: Arc<Shared>,
+    shared: Arc<State>,
     root: CancellationToken,
 }
 
@@ -174,7 +174,7 @@ impl Switchboard {
             None,
         );
         Switchboard {
-            shared: Arc::new(Shared {
+            shared: Arc::new(State {
                 directory: Mutex::new(Directory::new()),
                 resolvers: Mutex::default(),
                 config,
