@@ -189,7 +189,9 @@ impl Pods {
     /// the endpoint of every pod and container registered there before, at the same
     /// paths. Must be called inside a tokio runtime. A registration that cannot be
     /// restored is logged and dropped (the runtime's next resync registers it again).
-    pub fn open(switchboard: Switchboard, options: Options) -> io::Result<Pods> {
+    pub fn open(switchboard: Switchboard, mut options: Options) -> io::Result<Pods> {
+        // Endpoint paths are handed to runtimes: make them absolute.
+        options.dir = std::path::absolute(&options.dir)?;
         let dir = &options.dir;
         if !dir.is_dir() {
             std::fs::DirBuilder::new()
@@ -538,8 +540,9 @@ impl Pods {
                 .truncate(true)
                 .mode(0o600)
                 .open(&tmp)?;
+            // No fsync: this guards against a crashed daemon, not a lost machine
+            // (PODS_DIR is normally on a tmpfs, /run).
             file.write_all(text.as_bytes())?;
-            file.sync_all()?;
             std::fs::rename(&tmp, &path)
         };
         write().map_err(|e| context(e, "cannot write", &path))
