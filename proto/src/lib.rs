@@ -5,6 +5,7 @@
 //! * [`rpc`]: call/reply multiplexing over a channel (pipelining, out-of-order
 //!   replies, streaming) and the [`rpc::Service`] trait for the answering side.
 //! * [`frame`]: the frame codec both peers share (calls, replies, reply → result).
+//! * [`inherited`]: the handle a parent passed down in `FLOWER_SWITCHBOARD_FD`.
 //! * [`fds`]: the `Fd { slot }` convention tying message fields to descriptors.
 //! * [`client`]: the async client library applications and the tools use.
 //! * [`blocking`]: a runtime-free client for one call at a time, with the lowest
@@ -16,6 +17,7 @@ pub mod blocking;
 pub mod client;
 pub mod fds;
 pub mod frame;
+pub mod inherited;
 pub mod rpc;
 pub mod status;
 pub mod transport;

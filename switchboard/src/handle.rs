@@ -26,6 +26,7 @@ use crate::labels::{
 use crate::quota::{Quota, Ticket};
 use crate::resolvers::{MAX_TARGETS, Resolver, attempt_order};
 use crate::rights::Rights;
+use crate::scope::HandleCount;
 use crate::{Registrant, State, TargetKind};
 
 pub(crate) struct Handle {
@@ -39,6 +40,8 @@ pub(crate) struct Handle {
     pub quota: Arc<Quota>,
     /// This handle's own unit of `quota`.
     pub _ticket: Ticket,
+    /// Set when the embedder counts this scope (a pod's): released on drop.
+    pub counted: Option<HandleCount>,
 }
 
 /// The switchboard service on one handle's channel. Every method checks its right
@@ -55,6 +58,11 @@ impl rpc::Switchboard for Handle {
             derive_fixed(&self.out_labels, &req.out_labels, "Out")?
         };
         let ticket = self.quota.acquire()?;
+        let counted = self
+            .counted
+            .as_ref()
+            .map(HandleCount::another)
+            .transpose()?;
         let (channel, theirs) =
             Channel::pair().map_err(|e| exhausted("Cannot create a handle", &e))?;
         let child = Handle {
@@ -65,6 +73,7 @@ impl rpc::Switchboard for Handle {
             scope: self.scope.clone(),
             quota: self.quota.clone(),
             _ticket: ticket,
+            counted,
         };
         child.serve(channel);
         let mut fds = OutFds::new();
@@ -261,8 +270,10 @@ impl Handle {
                 Status::failed_precondition("Another target with no conflicting labels exists")
             })?;
         let shared = self.shared.clone();
+        let counted = self.counted.as_ref().map(|c| c.target(id));
         peer.on_close(move || {
             shared.directory.lock().unwrap().remove(id);
+            drop(counted);
             drop(ticket);
             tracing::debug!(id, "target removed");
         });
