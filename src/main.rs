@@ -1,6 +1,7 @@
 //! `flower`: the switchboard daemon and its tools, as git-style subcommands.
 
 mod args;
+mod nri;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -85,6 +86,7 @@ enum Command {
         #[arg(value_name = "[PATH] [LABELS]")]
         args: Vec<String>,
     },
+    Nri(nri::NriArgs),
 }
 
 #[derive(Subcommand)]
@@ -250,6 +252,10 @@ async fn run(command: Command, activated: Option<std::os::fd::OwnedFd>) -> Resul
             init_logging(false);
             let (path, labels) = path_and_labels(&args)?;
             flowercat::ls(&path, &labels, &mut std::io::stdout().lock()).await?;
+        }
+        Command::Nri(args) => {
+            init_logging(args.log_json);
+            nri::run(args).await?;
         }
     }
     Ok(())
