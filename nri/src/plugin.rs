@@ -533,6 +533,15 @@ pub fn adjustment(dir: &Path) -> api::ContainerAdjustment {
     }
 }
 
+/// A task that ends with its owner.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 struct PluginService(Arc<Plugin>);
 
 impl ttrpc::Service for PluginService {
@@ -591,10 +600,15 @@ impl Plugin {
         Ok(())
     }
 
+    /// [`Plugin::run`] for a task that owns its path.
+    pub async fn run_owned(self: Arc<Self>, path: PathBuf) {
+        self.run(&path).await
+    }
+
     /// Connects to the runtime's NRI socket at `path`, serves it, and connects again
     /// (every second) whenever the runtime goes away — it restarts, the plugin stays.
     pub async fn run(self: Arc<Self>, path: &Path) -> ! {
-        tokio::spawn(self.clone().retry_in_background());
+        let _retry = AbortOnDrop(tokio::spawn(self.clone().retry_in_background()));
         let mut logged_down = false;
         loop {
             match UnixStream::connect(path).await {
