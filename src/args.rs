@@ -21,6 +21,10 @@ pub fn default_path() -> Result<PathBuf, UsageError> {
     }
     match std::env::var_os("XDG_RUNTIME_DIR").filter(|p| !p.is_empty()) {
         Some(dir) => Ok(PathBuf::from(dir).join("flower/switchboard")),
+        // The client library uses the inherited handle and never this path.
+        None if flower_proto::inherited::is_set() => {
+            Ok(PathBuf::from(flower_proto::inherited::ENV))
+        }
         None => Err(UsageError(
             "no switchboard path: give PATH, or set FLOWER_SWITCHBOARD or XDG_RUNTIME_DIR".into(),
         )),

@@ -1,6 +1,8 @@
 //! `flower`: the switchboard daemon and its tools, as git-style subcommands.
 
 mod args;
+mod pod;
+mod run;
 mod nri;
 
 use std::path::PathBuf;
@@ -10,7 +12,7 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-use args::{UsageError, default_path, path_and_labels};
+use args::{UsageError, default_path, parse_labels, path_and_labels};
 
 /// Label-routed socket switchboard.
 ///
@@ -60,6 +62,21 @@ enum Command {
         #[arg(long, value_name = "N", default_value_t = 1,
               value_parser = clap::value_parser!(u16).range(1..))]
         threads: u16,
+        /// Serve the pod API (gRPC, mode 0600: whoever can open it controls every
+        /// pod) on this socket. Default with --pods-dir: /run/flower/pods.sock for
+        /// root, else $XDG_RUNTIME_DIR/flower/pods.sock.
+        #[arg(long, value_name = "PATH")]
+        pods_socket: Option<PathBuf>,
+        /// Where pod endpoints (DIR/UID/switchboard) and registrations live. Default
+        /// with --pods-socket: /run/flower/pods for root, else
+        /// $XDG_RUNTIME_DIR/flower/pods.
+        #[arg(long, value_name = "DIR")]
+        pods_dir: Option<PathBuf>,
+        /// Handles one pod or container endpoint may hold at a time (accepted and
+        /// constrained); beyond it a connection is closed, Constrain fails.
+        #[arg(long, value_name = "N", default_value_t = flower_switchboard::pods::DEFAULT_MAX_HANDLES as u32,
+              value_parser = clap::value_parser!(u32).range(1..))]
+        pod_max_handles: u32,
     },
     /// Connect to the target matching LABELS and relay stdin/stdout, like nc.
     ///
@@ -86,6 +103,35 @@ enum Command {
         #[arg(value_name = "[PATH] [LABELS]")]
         args: Vec<String>,
     },
+    /// Run CMD with a constrained handle as its only extra descriptor.
+    ///
+    /// The descriptor's number is in FLOWER_SWITCHBOARD_FD (FLOWER_SWITCHBOARD is
+    /// removed); the flower tools and client libraries use it instead of a path.
+    /// The handle can do no more than this one: --rights can only drop rights
+    /// (omitted, the child keeps them all), --in labels are forced onto everything
+    /// it registers, --out labels onto everything it connects to or lists.
+    ///
+    /// Example: flower run --rights SERVER_START --in app=web -- flower cat -l app=web
+    Run {
+        /// Socket path of the switchboard (or FLOWER_SWITCHBOARD_FD's handle).
+        path: Option<PathBuf>,
+        /// Rights to keep, comma-separated (e.g. SERVER_START,CLIENT_CONNECT).
+        #[arg(long, value_name = "R,..", value_parser = pod::parse_rights)]
+        rights: Option<pod::RightList>,
+        /// Labels forced onto everything the child registers.
+        #[arg(long = "in", value_name = "LABELS")]
+        in_labels: Vec<String>,
+        /// Labels forced onto everything the child connects to or lists.
+        #[arg(long = "out", value_name = "LABELS")]
+        out_labels: Vec<String>,
+        /// The command and its arguments.
+        #[arg(last = true, required = true, value_name = "CMD ARGS")]
+        command: Vec<std::ffi::OsString>,
+    },
+    /// Register and revoke pods through the pod API (see flower switchboard
+    /// --pods-socket).
+    #[command(subcommand)]
+    Pod(pod::PodCommand),
     Nri(nri::NriArgs),
 }
 
@@ -193,6 +239,9 @@ async fn run(command: Command, activated: Option<std::os::fd::OwnedFd>) -> Resul
             log_json,
             nofile,
             threads: _,
+            pods_socket,
+            pods_dir,
+            pod_max_handles,
         } => {
             init_logging(log_json);
             let path = match path {
@@ -201,6 +250,14 @@ async fn run(command: Command, activated: Option<std::os::fd::OwnedFd>) -> Resul
             };
             let call_timeout = seconds(call_timeout, "--call-timeout")?;
             let config = flower_switchboard::Config { call_timeout };
+            let pods = match (pods_socket, pods_dir) {
+                (None, None) => None,
+                (socket, dir) => Some(flower_switchboard::daemon::PodsOptions {
+                    socket: socket.map_or_else(pod::default_pods_socket, Ok)?,
+                    dir: dir.map_or_else(pod::default_pods_dir, Ok)?,
+                    max_handles: pod_max_handles as usize,
+                }),
+            };
             flower_switchboard::daemon::run(flower_switchboard::daemon::Options {
                 path,
                 mode,
@@ -208,6 +265,7 @@ async fn run(command: Command, activated: Option<std::os::fd::OwnedFd>) -> Resul
                 nofile,
                 config,
                 activated,
+                pods,
             })
             .await?;
         }
@@ -252,6 +310,32 @@ async fn run(command: Command, activated: Option<std::os::fd::OwnedFd>) -> Resul
             init_logging(false);
             let (path, labels) = path_and_labels(&args)?;
             flowercat::ls(&path, &labels, &mut std::io::stdout().lock()).await?;
+        }
+        Command::Run {
+            path,
+            rights,
+            in_labels,
+            out_labels,
+            command,
+        } => {
+            init_logging(false);
+            let path = match path {
+                Some(p) => p,
+                None => default_path()?,
+            };
+            let (in_labels, out_labels) = (parse_labels(&in_labels)?, parse_labels(&out_labels)?);
+            run::run(
+                &path,
+                rights.map(|r| r.0),
+                &in_labels,
+                &out_labels,
+                &command,
+            )
+            .await?;
+        }
+        Command::Pod(command) => {
+            init_logging(false);
+            pod::run(command).await?;
         }
         Command::Nri(args) => {
             init_logging(args.log_json);

@@ -59,18 +59,6 @@ pub struct NriArgs {
     pub log_json: bool,
 }
 
-fn default_pods_socket() -> Result<PathBuf, UsageError> {
-    if nix::unistd::geteuid().is_root() {
-        return Ok(PathBuf::from("/run/flower/pods.sock"));
-    }
-    match std::env::var_os("XDG_RUNTIME_DIR").filter(|p| !p.is_empty()) {
-        Some(dir) => Ok(PathBuf::from(dir).join("flower/pods.sock")),
-        None => Err(UsageError(
-            "no pod API socket: give --pods-socket, or set XDG_RUNTIME_DIR".into(),
-        )),
-    }
-}
-
 pub async fn run(args: NriArgs) -> Result<()> {
     let index_ok = args.index.len() == 2 && args.index.bytes().all(|b| b.is_ascii_digit());
     if !index_ok {
@@ -82,7 +70,7 @@ pub async fn run(args: NriArgs) -> Result<()> {
     }
     let pods_socket = match args.pods_socket {
         Some(path) => path,
-        None => default_pods_socket()?,
+        None => crate::pod::default_pods_socket()?,
     };
     let pod_api_timeout = crate::seconds(args.pod_api_timeout, "--pod-api-timeout")?;
     let options = flower_nri::plugin::Options {

@@ -47,7 +47,17 @@ pub struct Switchboard {
 
 impl Switchboard {
     /// Connects to the switchboard listening at `path` (a handle with all rights).
+    /// When `FLOWER_SWITCHBOARD_FD` is set, uses that inherited handle instead
+    /// ([`crate::inherited`]).
     pub fn connect(path: &Path) -> Result<Switchboard, ConnectError> {
+        if let Some(inherited) = crate::inherited::take() {
+            return inherited
+                .and_then(Switchboard::from_fd)
+                .map_err(|error| ConnectError {
+                    path: crate::inherited::ENV.into(),
+                    error,
+                });
+        }
         match transport::connect_blocking(path, Some(DEFAULT_TIMEOUT)) {
             Ok(fd) => Ok(Switchboard { fd, next_id: 1 }),
             Err(error) => Err(ConnectError {

@@ -63,7 +63,17 @@ pub struct Connection {
 
 impl Switchboard {
     /// Connects to the switchboard listening at `path` (a handle with all rights).
+    /// When `FLOWER_SWITCHBOARD_FD` is set, uses that inherited handle instead
+    /// ([`crate::inherited`]).
     pub async fn connect(path: &Path) -> Result<Switchboard, ConnectError> {
+        if let Some(inherited) = crate::inherited::take() {
+            return inherited
+                .and_then(Switchboard::from_fd)
+                .map_err(|error| ConnectError {
+                    path: PathBuf::from(crate::inherited::ENV),
+                    error,
+                });
+        }
         let channel = Channel::connect(path).await.map_err(|error| ConnectError {
             path: path.to_owned(),
             error,

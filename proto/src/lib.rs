@@ -4,6 +4,7 @@
 //!   descriptors per datagram, with the receive-side limits enforced.
 //! * [`rpc`]: call/reply multiplexing over a channel (pipelining, out-of-order
 //!   replies, streaming) and the [`rpc::Service`] trait for the answering side.
+//! * [`inherited`]: the handle a parent passed down in `FLOWER_SWITCHBOARD_FD`.
 //! * [`fds`]: the `Fd { slot }` convention tying message fields to descriptors.
 //! * [`client`]: the async client library applications and the tools use.
 //! * [`blocking`]: a runtime-free client for one call at a time, with the lowest
@@ -14,6 +15,7 @@
 pub mod blocking;
 pub mod client;
 pub mod fds;
+pub mod inherited;
 pub mod rpc;
 pub mod status;
 pub mod transport;

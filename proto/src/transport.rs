@@ -231,6 +231,52 @@ pub fn stream_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     )?)
 }
 
+/// Takes ownership of descriptor `raw`, which this process inherited (for example
+/// the handle `flower run` announces in `FLOWER_SWITCHBOARD_FD`), after checking that
+/// it is open and an AF_UNIX SOCK_SEQPACKET socket; marks it close-on-exec.
+///
+/// The caller must make sure nothing else in the process owns `raw` (call it once per
+/// inherited number).
+pub fn claim_inherited(raw: RawFd) -> io::Result<OwnedFd> {
+    if raw < 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("descriptor {raw} is not valid"),
+        ));
+    }
+    nix::fcntl::fcntl(raw, nix::fcntl::FcntlArg::F_GETFD)
+        .map_err(|e| io::Error::other(format!("descriptor {raw} is not open: {e}")))?;
+    // SAFETY: the descriptor is open (checked above) and, by this function's
+    // contract, owned by nothing else in the process.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let mut domain: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: SO_DOMAIN writes one c_int into `domain`, whose size `len` gives.
+    let got = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_DOMAIN,
+            (&mut domain as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    let ty = socket::getsockopt(&fd, socket::sockopt::SockType);
+    if got != 0 || domain != libc::AF_UNIX || !matches!(ty, Ok(SockType::SeqPacket)) {
+        // Not ours to close: leave the descriptor as it was found.
+        std::mem::forget(fd);
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("descriptor {raw} is not an AF_UNIX SOCK_SEQPACKET socket"),
+        ));
+    }
+    nix::fcntl::fcntl(
+        fd.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )?;
+    Ok(fd)
+}
+
 thread_local! {
     static RECV_BUFS: RefCell<[Vec<u8>; 2]> =
         RefCell::new([vec![0; MAX_DATAGRAM + 1], vec![0; MAX_DATAGRAM + 1]]);

@@ -25,6 +25,7 @@ use crate::labels::{
 };
 use crate::resolvers::{MAX_TARGETS, Resolver, attempt_order};
 use crate::rights::Rights;
+use crate::scope::HandleCount;
 use crate::{Shared, TargetEntry, TargetKind};
 
 pub(crate) struct Handle {
@@ -33,6 +34,8 @@ pub(crate) struct Handle {
     pub in_labels: FixedLabels,
     pub out_labels: FixedLabels,
     pub scope: CancellationToken,
+    /// Set when the embedder counts this scope (a pod's): released on drop.
+    pub counted: Option<HandleCount>,
 }
 
 impl Service for Handle {
@@ -68,6 +71,11 @@ impl Handle {
         } else {
             derive_fixed(&self.out_labels, &req.out_labels, "Out")?
         };
+        let counted = self
+            .counted
+            .as_ref()
+            .map(HandleCount::another)
+            .transpose()?;
         let (channel, theirs) =
             Channel::pair().map_err(|e| exhausted("Cannot create a handle", &e))?;
         let child = Handle {
@@ -76,6 +84,7 @@ impl Handle {
             in_labels,
             out_labels,
             scope: self.scope.clone(),
+            counted,
         };
         child.serve(channel);
         let mut fds = OutFds::new();
@@ -118,8 +127,10 @@ impl Handle {
                 Status::failed_precondition("Another target with no conflicting labels exists")
             })?;
         let shared = self.shared.clone();
+        let counted = self.counted.as_ref().map(HandleCount::target);
         peer.on_close(move || {
             shared.directory.lock().unwrap().remove(id);
+            drop(counted);
             tracing::debug!(id, "target removed");
         });
         let mut fds = OutFds::new();

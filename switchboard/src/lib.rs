@@ -18,8 +18,11 @@ pub mod daemon;
 pub mod directory;
 mod handle;
 pub mod labels;
+pub mod pod_api;
+pub mod pods;
 mod resolvers;
 pub mod rights;
+mod scope;
 pub mod systemd;
 
 use std::io;
@@ -104,12 +107,49 @@ pub struct Switchboard {
 #[derive(Debug, Clone)]
 pub struct Scope {
     token: CancellationToken,
+    counts: Option<Arc<scope::ScopeCounts>>,
 }
 
 impl Scope {
     /// Closes every handle and registration channel in the scope; their targets vanish.
     pub fn revoke(&self) {
         self.token.cancel();
+    }
+
+    pub fn is_revoked(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    /// A counted scope inside this one: revoking this one revokes it too.
+    pub fn counted_child(&self, max_handles: usize) -> Scope {
+        Scope {
+            token: self.token.child_token(),
+            counts: Some(scope::ScopeCounts::new(max_handles)),
+        }
+    }
+
+    /// Open handles in a counted scope (0 for one that is not counted).
+    pub fn handles(&self) -> usize {
+        self.counts.as_ref().map_or(0, |c| c.handles())
+    }
+
+    /// Targets registered through a counted scope's handles.
+    pub fn targets(&self) -> usize {
+        self.counts.as_ref().map_or(0, |c| c.targets())
+    }
+
+    /// Resolves once a counted scope holds no handle and no target (at once for
+    /// one that is not counted). After [`Scope::revoke`], this is when everything
+    /// the scope held is gone.
+    pub async fn emptied(&self) {
+        if let Some(counts) = &self.counts {
+            counts.empty().await
+        }
+    }
+
+    /// Resolves when the scope is revoked.
+    pub async fn revoked(&self) {
+        self.token.cancelled().await
     }
 }
 
@@ -134,13 +174,49 @@ impl Switchboard {
         in_labels: &Labels,
         out_labels: &Labels,
     ) -> io::Result<Scope> {
+        let scope = Scope {
+            token: self.root.child_token(),
+            counts: None,
+        };
+        self.serve_in(&scope, channel, rights, in_labels, out_labels)?;
+        Ok(scope)
+    }
+
+    /// A new scope whose handles and targets are counted, holding at most
+    /// `max_handles` handles at a time (those served into it and those constrained
+    /// from them). Serve handles into it with [`Switchboard::serve_in`].
+    pub fn counted_scope(&self, max_handles: usize) -> Scope {
+        Scope {
+            token: self.root.child_token(),
+            counts: Some(scope::ScopeCounts::new(max_handles)),
+        }
+    }
+
+    /// Serves `channel` as a handle inside `scope`, with the given rights and fixed
+    /// labels. Fails with `InvalidInput` for labels with an empty key, and with
+    /// `ResourceBusy` when a counted scope is full (the channel is closed then).
+    pub fn serve_in(
+        &self,
+        scope: &Scope,
+        channel: Channel,
+        rights: Rights,
+        in_labels: &Labels,
+        out_labels: &Labels,
+    ) -> io::Result<()> {
         for labels in [in_labels, out_labels] {
             labels::validate(labels)
                 .map_err(|status| io::Error::new(io::ErrorKind::InvalidInput, status.message))?;
         }
-        let token = self.root.child_token();
+        let counted = match &scope.counts {
+            Some(counts) => Some(
+                counts
+                    .handle()
+                    .map_err(|s| io::Error::new(io::ErrorKind::ResourceBusy, s.message))?,
+            ),
+            None => None,
+        };
         let fixed_in = FixedLabels::new(in_labels);
-        let handle = Handle {
+        Handle {
             shared: self.shared.clone(),
             rights,
             out_labels: match out_labels == in_labels {
@@ -148,10 +224,11 @@ impl Switchboard {
                 false => FixedLabels::new(out_labels),
             },
             in_labels: fixed_in,
-            scope: token.clone(),
-        };
-        handle.serve(channel);
-        Ok(Scope { token })
+            scope: scope.token.clone(),
+            counted,
+        }
+        .serve(channel);
+        Ok(())
     }
 
     /// Creates a handle and returns the descriptor to pass to its user.
