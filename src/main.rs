@@ -1,9 +1,9 @@
 //! `flower`: the switchboard daemon and its tools, as git-style subcommands.
 
 mod args;
+mod nri;
 mod pod;
 mod run;
-mod nri;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -278,12 +278,11 @@ impl Plugin {
             let mut state = self.state.lock().unwrap();
             match result {
                 Ok((registered, removed)) => {
-                    if state.failing {
-                        tracing::info!(
-                            "pod API at {} is back: {registered} pods registered, {removed} stale ones removed",
-                            self.pods.location()
-                        );
-                    }
+                    // Only a failure makes the switchboard differ: this is a recovery.
+                    tracing::info!(
+                        "pod API at {} is back: {registered} pods registered, {removed} stale ones removed",
+                        self.pods.location()
+                    );
                     state.failing = false;
                 }
                 Err(e) => {

@@ -77,14 +77,19 @@ impl PodApi for GrpcPods {
     }
 }
 
-/// A status in one line, with the transport's cause when there is one.
+/// A status in one line: its code and message, and the transport's root cause
+/// when the message does not already say it.
 pub fn describe(status: &tonic::Status) -> String {
     use std::error::Error;
     let mut text = format!("{:?}: {}", status.code(), status.message());
+    let mut root = None;
     let mut source = status.source();
     while let Some(cause) = source {
-        text.push_str(&format!(": {cause}"));
+        root = Some(cause.to_string());
         source = cause.source();
+    }
+    if let Some(root) = root.filter(|r| !text.contains(r.as_str())) {
+        text.push_str(&format!(" ({root})"));
     }
     text
 }
