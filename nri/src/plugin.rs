@@ -38,7 +38,6 @@ use futures::StreamExt;
 use futures::future::BoxFuture;
 use prost::Message as _;
 use tokio::net::UnixStream;
-use tokio::sync::Notify;
 
 use crate::api::{self, Event, PodSandbox};
 use crate::mux::{Mux, PLUGIN_CONN, RUNTIME_CONN};
@@ -109,7 +108,6 @@ pub struct Plugin {
     options: Options,
     pods: Arc<dyn PodApi>,
     state: Mutex<State>,
-    retry: Notify,
 }
 
 #[derive(Default)]
@@ -133,7 +131,6 @@ impl Plugin {
             options,
             pods,
             state: Mutex::new(State::default()),
-            retry: Notify::new(),
         })
     }
 
@@ -261,18 +258,15 @@ impl Plugin {
 
     fn mark_dirty(&self) {
         self.state.lock().unwrap().dirty = true;
-        self.retry.notify_one();
     }
 
     /// Retries reconciliation while the switchboard differs from the wanted set.
     pub async fn retry_in_background(self: Arc<Self>) {
         loop {
-            let _ = tokio::time::timeout(RETRY_INTERVAL, self.retry.notified()).await;
-            if !self.state.lock().unwrap().dirty {
+            tokio::time::sleep(RETRY_INTERVAL).await;
+            if !std::mem::take(&mut self.state.lock().unwrap().dirty) {
                 continue;
             }
-            tokio::time::sleep(RETRY_INTERVAL).await;
-            self.state.lock().unwrap().dirty = false;
             let result = tokio::time::timeout(RETRY_INTERVAL * 5, self.reconcile()).await;
             let result = result.unwrap_or_else(|_| Err("timed out".into()));
             let mut state = self.state.lock().unwrap();
