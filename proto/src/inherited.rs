@@ -41,8 +41,8 @@ pub fn take() -> Option<io::Result<OwnedFd>> {
                 format!("the handle in {ENV}={raw} is already in use in this process"),
             ));
         }
+        // Callers name the variable (see `ConnectError`).
         crate::transport::claim_inherited(raw)
-            .map_err(|e| io::Error::new(e.kind(), format!("{ENV}: {e}")))
     };
     Some(claim())
 }
