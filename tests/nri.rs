@@ -551,3 +551,97 @@ async fn a_switchboard_that_is_down_gets_a_timely_answer_and_a_clear_log_line() 
     assert!(adjust.is_some());
     assert_eq!(nri.lines_with("is back: 1 pods registered").len(), 1);
 }
+
+/// A stand-in runtime in another language: `tests/nri_runtime_peer.py` implements
+/// the multiplexer and ttrpc framing on its own from the upstream definitions, with
+/// messages from the vendored `api.proto` compiled by grpcio-tools.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runtime_written_in_python_drives_the_plugin() {
+    let daemon = pod_harness::start(&[]);
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let stubs = tempfile::tempdir().unwrap();
+    let protoc = Command::new("python3")
+        .args(["-m", "grpc_tools.protoc", "-I"])
+        .arg(repo.join("nri/proto"))
+        .arg(format!("--python_out={}", stubs.path().display()))
+        .args([
+            "nri/api.proto",
+            "ttrpc/request.proto",
+            "google/rpc/status.proto",
+        ])
+        .output()
+        .expect("python3 with grpcio-tools (scripts/test installs it)");
+    assert!(
+        protoc.status.success(),
+        "{}",
+        String::from_utf8_lossy(&protoc.stderr)
+    );
+
+    let socket = daemon.dir.path().join("py-nri.sock");
+    let mut peer = Command::new("python3")
+        .arg(repo.join("tests/nri_runtime_peer.py"))
+        .arg(stubs.path())
+        .arg(&socket)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    common::wait_until("the Python runtime's socket", || socket.exists());
+    let _nri = Nri::start(&socket, &pod_harness::pods_socket(daemon.dir.path()), &[]);
+    let mut commands = peer.stdin.take().unwrap();
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    let stdout = BufReader::new(peer.stdout.take().unwrap());
+    std::thread::spawn(move || {
+        for line in stdout.lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let reply = |what: &str| -> serde_json::Value {
+        let line = lines
+            .recv_timeout(PATIENCE)
+            .unwrap_or_else(|_| panic!("no reply to {what}"));
+        let value: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(value["code"], 0, "{what}: {value}");
+        assert!(
+            value["seconds"].as_f64().unwrap() < 2.0,
+            "{what} answered within the timeout: {value}"
+        );
+        value
+    };
+    let mut send = |command: &str| -> serde_json::Value {
+        writeln!(commands, "{command}").unwrap();
+        reply(command)
+    };
+
+    let configured = reply("Configure");
+    assert_eq!(
+        (configured["name"].as_str(), configured["index"].as_str()),
+        (Some("flower"), Some("50"))
+    );
+    assert_eq!(configured["reply"]["events"], 15);
+    let mut pod_api = client(&daemon).await;
+    send("sync");
+    let registered = pods(&mut pod_api).await;
+    assert_eq!(
+        registered.len(),
+        1,
+        "Synchronize registered the running pod"
+    );
+    send("run");
+    let created = send("create");
+    let mount = &created["reply"]["adjust"]["mounts"][0];
+    assert_eq!(mount["destination"], "/run/flower");
+    let endpoint_dir = Path::new(&registered[0].endpoint).parent().unwrap();
+    assert_eq!(Path::new(mount["source"].as_str().unwrap()), endpoint_dir);
+    assert_eq!(
+        created["reply"]["adjust"]["env"],
+        serde_json::json!([{"key": "FLOWER_SWITCHBOARD", "value": "/run/flower/switchboard"}])
+    );
+    send("stop");
+    assert!(pods(&mut pod_api).await.is_empty());
+    send("remove");
+    drop(send);
+    drop(commands); // end of commands: the peer closes and exits
+    let status = wait_child(&mut peer);
+    assert!(status.success());
+}
