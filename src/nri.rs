@@ -90,7 +90,15 @@ pub async fn run(args: NriArgs) -> Result<()> {
         pods_socket = %pods_socket.display(),
         "NRI plugin starting"
     );
-    flower_nri::plugin::Plugin::new(options, pods)
-        .run(&args.socket)
-        .await
+    let plugin = flower_nri::plugin::Plugin::new(options, pods);
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        never = plugin.run(&args.socket) => never,
+        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    // Pods stay registered: the switchboard keeps them, and the next plugin to
+    // connect reconciles them on Synchronize.
+    tracing::info!("NRI plugin stopping");
+    Ok(())
 }

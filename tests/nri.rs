@@ -440,7 +440,16 @@ async fn a_restarted_plugin_reconciles_on_synchronize() {
     let mut pod_api = client(&daemon).await;
     assert_eq!(uids(pods(&mut pod_api).await), ["aaaa", "bbbb"]);
 
-    // While the plugin is down, b goes and c comes (the runtime carries on without it).
+    // The plugin stops (SIGTERM: it exits 0, leaving the pods registered); while it is
+    // down, b goes and c comes (the runtime carries on without it).
+    let mut nri = nri;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(nri.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(wait_child(&mut nri.child).success());
+    assert_eq!(uids(pods(&mut pod_api).await), ["aaaa", "bbbb"]);
     drop(nri);
     drop(plugin);
     let nri = Nri::start(

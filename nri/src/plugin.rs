@@ -237,10 +237,19 @@ impl Plugin {
         }
         for uid in stale {
             calls.push(Box::pin(async move {
+                // A RunPodSandbox may have come in since the snapshot: never remove a
+                // pod that is wanted now, and if one became wanted while it was being
+                // removed, the next background pass registers it again.
+                let wanted_now = |uid: &str| self.state.lock().unwrap().wanted.contains_key(uid);
+                if wanted_now(&uid) {
+                    return Ok(());
+                }
                 let what = format!("unregistering {uid}");
-                self.unregister(uid)
-                    .await
-                    .map_err(|e| format!("{what}: {e}"))
+                let result = self.unregister(uid.clone()).await;
+                if wanted_now(&uid) {
+                    self.mark_dirty();
+                }
+                result.map_err(|e| format!("{what}: {e}"))
             }));
         }
         let mut results = futures::stream::iter(calls).buffer_unordered(PARALLEL_CALLS);
