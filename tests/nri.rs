@@ -617,12 +617,12 @@ async fn a_runtime_written_in_python_drives_the_plugin() {
         );
         value
     };
-    let mut send = |command: &str| -> serde_json::Value {
+    let configured = reply("Configure");
+    let mut send = move |command: &str| -> serde_json::Value {
         writeln!(commands, "{command}").unwrap();
         reply(command)
     };
 
-    let configured = reply("Configure");
     assert_eq!(
         (configured["name"].as_str(), configured["index"].as_str()),
         (Some("flower"), Some("50"))
@@ -649,8 +649,7 @@ async fn a_runtime_written_in_python_drives_the_plugin() {
     send("stop");
     assert!(pods(&mut pod_api).await.is_empty());
     send("remove");
-    drop(send);
-    drop(commands); // end of commands: the peer closes and exits
+    drop(send); // closes the peer's stdin: it closes the connection and exits
     let status = wait_child(&mut peer);
     assert!(status.success());
 }
