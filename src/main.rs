@@ -1,6 +1,7 @@
 //! `flower`: the switchboard daemon and its tools, as git-style subcommands.
 
 mod args;
+mod nri;
 mod pod;
 mod run;
 
@@ -203,6 +204,7 @@ enum Command {
     /// --pods-socket).
     #[command(subcommand)]
     Pod(pod::PodCommand),
+    Nri(nri::NriArgs),
 }
 
 #[derive(Subcommand)]
@@ -497,8 +499,10 @@ async fn run(
             .await?;
         }
         Command::Pod(command) => {
-            init_logging(false);
             pod::run(command).await?;
+        }
+        Command::Nri(args) => {
+            nri::run(args).await?;
         }
     }
     Ok(())
