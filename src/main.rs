@@ -146,6 +146,15 @@ enum EgressCommand {
         /// Seconds to wait for an outbound connect.
         #[arg(long, default_value_t = 10.0)]
         connect_timeout: f64,
+        /// Allow TCP connects to this CIDR block (repeatable). Once any is given,
+        /// only allowed blocks are reachable. Without any, everything but node-local
+        /// addresses (loopback, link-local, 0.0.0.0, ::) is.
+        #[arg(long, value_name = "CIDR")]
+        allow: Vec<flower_egress::Cidr>,
+        /// Refuse TCP connects to this CIDR block (repeatable); wins over --allow.
+        /// IPv4-mapped IPv6 addresses are matched as the IPv4 address they map.
+        #[arg(long, value_name = "CIDR")]
+        deny: Vec<flower_egress::Cidr>,
         /// [PATH] LABELS...
         #[arg(required = true, value_name = "[PATH] LABELS")]
         args: Vec<String>,
@@ -263,6 +272,8 @@ async fn run(command: Command, activated: Option<std::os::fd::OwnedFd>) -> Resul
         Command::Egress(EgressCommand::Connect {
             allow_unix_prefix,
             connect_timeout,
+            allow,
+            deny,
             args,
         }) => {
             init_logging(false);
@@ -270,6 +281,7 @@ async fn run(command: Command, activated: Option<std::os::fd::OwnedFd>) -> Resul
             let options = flower_egress::Options {
                 allowed_unix_prefixes: allow_unix_prefix,
                 connect_timeout: seconds(connect_timeout, "--connect-timeout")?,
+                policy: flower_egress::Policy { allow, deny },
             };
             flower_egress::connect(&path, &labels, options).await?;
         }
