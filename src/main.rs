@@ -260,6 +260,15 @@ enum EgressCommand {
         /// Once registered, write the labels to descriptor N and close it.
         #[command(flatten)]
         ready: Readiness,
+        /// Allow TCP connects to this CIDR block (repeatable). Once any is given,
+        /// only allowed blocks are reachable. Without any, everything but node-local
+        /// addresses (loopback, link-local, 0.0.0.0, ::) is.
+        #[arg(long, value_name = "CIDR")]
+        allow: Vec<flower_egress::Cidr>,
+        /// Refuse TCP connects to this CIDR block (repeatable); wins over --allow.
+        /// IPv4-mapped IPv6 addresses are matched as the IPv4 address they map.
+        #[arg(long, value_name = "CIDR")]
+        deny: Vec<flower_egress::Cidr>,
         /// [PATH] LABELS...
         #[arg(required = true, value_name = "[PATH] LABELS")]
         args: Vec<String>,
@@ -435,12 +444,15 @@ async fn run(
             connect_timeout,
             wait,
             ready: _,
+            allow,
+            deny,
             args,
         }) => {
             let (path, labels) = path_and_labels(&args)?;
             let options = flower_egress::Options {
                 allowed_unix_prefixes: allow_unix_prefix,
                 connect_timeout,
+                policy: flower_egress::Policy { allow, deny },
             };
             let startup = Startup {
                 wait: wait.wait,

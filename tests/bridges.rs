@@ -65,8 +65,11 @@ fn egress_tool(subcommand: &str, path: &std::path::Path, labels: &str, extra: &[
     )
 }
 
+/// The tests' servers listen on loopback, which an egress refuses unless allowed.
 fn egress(path: &std::path::Path, labels: &str, extra: &[&str]) -> Tool {
-    egress_tool("connect", path, labels, extra)
+    let mut args = vec!["--allow", "127.0.0.0/8", "--allow", "::1"];
+    args.extend_from_slice(extra);
+    egress_tool("connect", path, labels, &args)
 }
 
 /// The DNS resolver; hosts file and DNS as `extra` says.

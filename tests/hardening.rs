@@ -598,3 +598,59 @@ async fn a_connect_has_one_overall_deadline() {
         "took {took:?}, deadline 2.5 s"
     );
 }
+
+/// By default an egress does not reach node-local services, however the address is
+/// spelled; the operator can allow them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn egress_keeps_node_local_addresses_out_of_reach() {
+    let daemon = Daemon::start();
+    let root = daemon.connect().await;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port().to_string();
+    let start = |labels: &str, extra: &[&str]| {
+        Tool(
+            std::process::Command::new(FLOWER)
+                .args(["egress", "connect"])
+                .args(extra)
+                .arg(&daemon.path)
+                .arg(labels)
+                .env("RUST_LOG", "error")
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let _default = start("net=default", &[]);
+    let _allowed = start("net=allowed", &["--allow", "127.0.0.0/8"]);
+    for net in ["default", "allowed"] {
+        wait_until_async("egress registration", || async {
+            list(&root, &labels(&[("net", net)])).await.len() == 1
+        })
+        .await;
+    }
+    for (family, address) in [
+        ("inet", "127.0.0.1"),
+        ("inet", "0.0.0.0"),
+        ("inet6", "::ffff:127.0.0.1"),
+        ("inet6", "::1"),
+        ("inet6", "::"),
+    ] {
+        let err = root
+            .client_connect(&labels(&[
+                ("net", "default"),
+                ("address_family", family),
+                ("server_address", address),
+                ("server_port", &port),
+            ]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code, Code::PermissionDenied, "{address}: {err}");
+    }
+    root.client_connect(&labels(&[
+        ("net", "allowed"),
+        ("address_family", "inet6"),
+        ("server_address", "::ffff:127.0.0.1"),
+        ("server_port", &port),
+    ]))
+    .await
+    .expect("allowed with --allow");
+}

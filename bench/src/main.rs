@@ -10,6 +10,7 @@ mod dataplane;
 mod floor;
 mod procs;
 mod revoke;
+mod soak;
 mod stats;
 mod syscalls;
 
@@ -54,6 +55,24 @@ enum Command {
     Syscalls(Opts),
     /// Revocation: UnregisterPod latency and daemon CPU with N handles in the pod.
     Revoke(Opts),
+    /// Many connects, then hostile clients for a while: the daemon's descriptors and
+    /// memory must return to their baseline.
+    Soak {
+        #[command(flatten)]
+        opts: Opts,
+        /// Connects in the first stage.
+        #[arg(long, default_value_t = 1_000_000)]
+        connects: usize,
+        /// Concurrent connecting clients in the first stage.
+        #[arg(long = "soak-clients", default_value_t = 4)]
+        soak_clients: usize,
+        /// Hostile threads in the second stage.
+        #[arg(long, default_value_t = 16)]
+        hostile: usize,
+        /// Seconds the hostile stage lasts.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
 
     // Helper processes, started by the commands above.
     #[command(hide = true)]
@@ -323,6 +342,25 @@ fn run(command: Command) -> Result<()> {
             let ctx = procs::Ctx::new(o.flower.clone(), o.daemon_workers)?;
             machine();
             syscalls::syscalls_bench(&ctx, o.strace_connects)?;
+        }
+        Command::Soak {
+            opts,
+            connects,
+            soak_clients,
+            hostile,
+            seconds,
+        } => {
+            let ctx = procs::Ctx::new(opts.flower.clone(), opts.daemon_workers)?;
+            machine();
+            soak::soak_bench(
+                &ctx,
+                &soak::SoakOpts {
+                    connects,
+                    clients: soak_clients,
+                    hostile,
+                    seconds,
+                },
+            )?;
         }
         Command::FloorBroker { path } => floor::broker_main(&path)?,
         Command::FloorServer { path } => floor::server_main(&path)?,

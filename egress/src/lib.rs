@@ -14,7 +14,9 @@
 //! [`resolve`] is the DNS half: `flower egress resolve` turns host names into the
 //! numeric labels above.
 
+mod policy;
 mod resolve;
+pub use policy::{Cidr, Policy};
 pub use resolve::{ResolveOptions, resolve};
 
 use std::net::{IpAddr, SocketAddr};
@@ -40,6 +42,9 @@ pub struct Options {
     /// Directories under which `unix` connects are allowed.
     pub allowed_unix_prefixes: Vec<PathBuf>,
     pub connect_timeout: Duration,
+    /// Which TCP destinations are allowed ([`Policy`]: node-local ones are refused
+    /// unless allowed).
+    pub policy: Policy,
 }
 
 impl Default for Options {
@@ -47,6 +52,7 @@ impl Default for Options {
         Options {
             allowed_unix_prefixes: Vec::new(),
             connect_timeout: Duration::from_secs(10),
+            policy: Policy::default(),
         }
     }
 }
@@ -103,6 +109,7 @@ struct Prefix {
 #[derive(Debug)]
 pub struct Dialer {
     connect_timeout: Duration,
+    policy: Policy,
     prefixes: Arc<[Prefix]>,
 }
 
@@ -132,6 +139,7 @@ impl Dialer {
             .collect::<Result<Vec<_>>>()?;
         Ok(Dialer {
             connect_timeout: options.connect_timeout,
+            policy: options.policy,
             prefixes: prefixes.into(),
         })
     }
@@ -168,6 +176,12 @@ impl Dialer {
         let port: u16 = port.parse().map_err(|_| {
             Status::invalid_argument(format!("Label server_port {port:?} is not a port number"))
         })?;
+        if !self.policy.permits(ip) {
+            return Err(Status::permission_denied(format!(
+                "Address {ip} is not one this egress may connect to (--allow/--deny; \
+                 node-local addresses need --allow)"
+            )));
+        }
         let target = SocketAddr::new(ip, port);
         let stream =
             match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(target)).await {

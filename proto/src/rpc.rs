@@ -318,7 +318,10 @@ impl Shared {
             .await
         {
             Ok(()) => return Ok(()),
-            Err(status) if more || self.states.is_closed() => return Err(status),
+            // Gone or cut off (UNAVAILABLE): nobody to tell.
+            Err(status) if more || self.states.is_closed() || status.code == Code::Unavailable => {
+                return Err(status);
+            }
             Err(status) => status,
         };
         drop(fds);
