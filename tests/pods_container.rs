@@ -138,41 +138,11 @@ async fn a_runc_container_serves_with_its_pod_identity() {
     // registration is revoked under the running container.
     let script = "echo hello-from-container | flower cat -l svc=box; \
                   flower cat -l svc=again </dev/null; echo \"second exited $?\"";
-    bundle(dir.path(), &endpoint_dir, script);
-    let id = format!("flower-test-{}-{}", std::process::id(), fastrand_suffix());
-    let runc = Command::new("runc")
-        .args(["run", "--bundle"])
-        .arg(dir.path())
-        .arg(&id)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("runc run");
-    let mut container = Container { id, runc };
+    let mut container = run_container(dir.path(), &endpoint_dir, script);
 
     // The host sees the container's target under the pod's identity.
     let root = daemon.connect().await;
-    let deadline = Instant::now() + CONTAINER_PATIENCE;
-    let found = loop {
-        let found = list(&root, &labels(&[("svc", "box")])).await;
-        if !found.is_empty() {
-            break found;
-        }
-        if let Some(status) = container.runc.try_wait().unwrap() {
-            let mut err = String::new();
-            container
-                .runc
-                .stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut err)
-                .unwrap();
-            panic!("the container exited ({status}) before registering: {err}");
-        }
-        assert!(Instant::now() < deadline, "the container never registered");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let found = wait_for_target(&root, &labels(&[("svc", "box")]), &mut container).await;
     assert_eq!(found[0]["server_kubernetes_pod_uid"], "runc-pod");
     assert_eq!(found[0]["server_kubernetes_namespace"], "demo");
     assert_eq!(found[0]["app"], "box");
@@ -235,6 +205,100 @@ async fn a_runc_container_serves_with_its_pod_identity() {
     assert!(status.success(), "{status}: {out}");
     assert!(out.contains("hi from the host"), "{out}");
     assert!(out.contains("second exited 1"), "{out}");
+}
+
+/// Starts `script` in a new container (deleted when the result is dropped).
+fn run_container(bundle_dir: &Path, endpoint_dir: &Path, script: &str) -> Container {
+    bundle(bundle_dir, endpoint_dir, script);
+    let id = format!("flower-test-{}-{}", std::process::id(), fastrand_suffix());
+    let runc = Command::new("runc")
+        .args(["run", "--bundle"])
+        .arg(bundle_dir)
+        .arg(&id)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("runc run");
+    Container { id, runc }
+}
+
+/// Waits until a target matching `filter` is listed, while the container runs.
+async fn wait_for_target(
+    root: &flower_proto::client::Switchboard,
+    filter: &flower_proto::Labels,
+    container: &mut Container,
+) -> Vec<flower_proto::Labels> {
+    let deadline = Instant::now() + CONTAINER_PATIENCE;
+    loop {
+        let found = list(root, filter).await;
+        if !found.is_empty() {
+            return found;
+        }
+        if let Some(status) = container.runc.try_wait().unwrap() {
+            let mut err = String::new();
+            let _ = container
+                .runc
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err);
+            panic!("the container exited ({status}) before registering: {err}");
+        }
+        assert!(Instant::now() < deadline, "the container never registered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Reads what the server in the container sends on a new connection to `filter`.
+async fn greeting(
+    root: &flower_proto::client::Switchboard,
+    filter: &flower_proto::Labels,
+) -> (String, flower_proto::Labels) {
+    let conn = root
+        .client_connect(filter)
+        .await
+        .expect("connect to the container");
+    let mut stream = UnixStream::from(conn.socket);
+    stream.set_read_timeout(Some(CONTAINER_PATIENCE)).unwrap();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    (text, conn.labels)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_container_keeps_working_across_a_switchboard_restart() {
+    let mut daemon = pod_harness::start(&[]);
+    let mut pods = client(&daemon).await;
+    let pod = register(&mut pods, pod_request("restart-pod", "demo", "loop")).await;
+    let endpoint_dir = Path::new(&pod.endpoint).parent().unwrap().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    // A server that re-registers whenever it loses the switchboard, as a real
+    // service in a pod would.
+    let script = "while :; do echo hello | flower cat -l svc=loop; sleep 0.1; done";
+    let mut container = run_container(dir.path(), &endpoint_dir, script);
+    let filter = labels(&[("svc", "loop")]);
+    let root = daemon.connect().await;
+    wait_for_target(&root, &filter, &mut container).await;
+    let (text, _) = greeting(&root, &filter).await;
+    assert_eq!(text, "hello\n");
+    drop((root, pods));
+
+    // Restart the switchboard with the same pods directory.
+    assert!(daemon.terminate().success());
+    let state = std::mem::replace(&mut daemon.dir, tempfile::tempdir().unwrap());
+    drop(daemon);
+    let daemon = pod_harness::start_in(state, &[]);
+
+    // The container, which only sees the directory, reaches the new socket.
+    let root = daemon.connect().await;
+    let found = wait_for_target(&root, &filter, &mut container).await;
+    assert_eq!(found[0]["server_kubernetes_pod_uid"], "restart-pod");
+    let (text, labels) = greeting(&root, &filter).await;
+    assert_eq!(text, "hello\n");
+    assert_eq!(labels["server_kubernetes_pod_name"], "loop");
+    drop(container);
 }
 
 fn fastrand_suffix() -> u64 {

@@ -90,11 +90,10 @@ pub fn revoke_bench(ctx: &Ctx, opts: &RevokeOpts) -> Result<()> {
         })
         .await
         .context("the pod API did not come up")?;
-        let observer = Switchboard::connect(&path).await?;
         for &n in &opts.handles {
             let mut rounds = Vec::new();
             for _ in 0..opts.rounds {
-                rounds.push(round(&mut pods, &observer, daemon.pid(), n).await?);
+                rounds.push(round(&mut pods, &path, daemon.pid(), n).await?);
             }
             let p50 = |f: fn(&Round) -> u64| {
                 let mut v: Vec<u64> = rounds.iter().map(f).collect();
@@ -124,7 +123,7 @@ pub fn revoke_bench(ctx: &Ctx, opts: &RevokeOpts) -> Result<()> {
 
 async fn round(
     pods: &mut api::pods_client::PodsClient<tonic::transport::Channel>,
-    observer: &Switchboard,
+    observer: &Path,
     daemon: u32,
     handles: usize,
 ) -> Result<Round> {
@@ -158,10 +157,17 @@ async fn round(
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    observer.client_connect(&target).await.map(drop)?;
 
+    // The observer runs on a thread of its own, so that the pod's side of the
+    // revocation (1 000s of channels seeing end of stream here) does not delay it.
+    let (go, ready) = tokio::sync::oneshot::channel::<()>();
+    let observer_path = observer.to_owned();
+    let probe = target.clone();
+    let gone = tokio::task::spawn_blocking(move || observe(&observer_path, &probe, ready));
+    tokio::time::sleep(Duration::from_millis(20)).await;
     let cpu_before = cpu_ns(daemon);
     let start = now_ns();
+    let _ = go.send(());
     let mut pods2 = pods.clone();
     let unregister = tokio::spawn(async move {
         pods2
@@ -175,15 +181,7 @@ async fn round(
         futures::future::join_all(held.iter().map(|h| h.peer().closed())).await;
         now_ns()
     });
-    let gone_at = loop {
-        match observer.client_connect(&target).await {
-            Ok(_) => tokio::task::yield_now().await,
-            Err(s) if s.code == Code::NotFound => break now_ns(),
-            // Revoked while this connect was in flight: not gone from the directory yet.
-            Err(s) if s.code == Code::Unavailable => tokio::task::yield_now().await,
-            Err(s) => bail!("observer: {s}"),
-        }
-    };
+    let gone_at = gone.await.context("observer")??;
     let rpc_at = unregister.await??;
     let closed_at = tokio::time::timeout(Duration::from_secs(20), closed)
         .await
@@ -197,5 +195,31 @@ async fn round(
         rpc_ns: rpc_at - start,
         closed_ns: closed_at - start,
         cpu_ns: cpu,
+    })
+}
+
+/// Connects to `target` on the main path, in a loop from the moment `go` fires,
+/// until the switchboard answers `NOT_FOUND`; returns that moment.
+fn observe(path: &Path, target: &Labels, go: tokio::sync::oneshot::Receiver<()>) -> Result<u64> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let observer = Switchboard::connect(path).await?;
+        observer.client_connect(target).await.map(drop)?;
+        go.await?;
+        let deadline = now_ns() + 20_000_000_000;
+        loop {
+            match observer.client_connect(target).await {
+                Ok(_) => {}
+                Err(s) if s.code == Code::NotFound => return Ok(now_ns()),
+                // Revoked while this connect was in flight: not gone from the directory yet.
+                Err(s) if s.code == Code::Unavailable => {}
+                Err(s) => bail!("observer: {s}"),
+            }
+            if now_ns() > deadline {
+                bail!("the target did not go away");
+            }
+        }
     })
 }
