@@ -1,5 +1,7 @@
 //! `flower`: the switchboard daemon and its tools, as git-style subcommands.
 
+#![forbid(unsafe_code)]
+
 mod args;
 mod nri;
 mod pod;

@@ -14,6 +14,8 @@
 //! [`resolve`] is the DNS half: `flower egress resolve` turns host names into the
 //! numeric labels above.
 
+#![forbid(unsafe_code)]
+
 mod policy;
 mod resolve;
 pub use policy::{Cidr, Policy};

@@ -6,6 +6,8 @@
 //! handle is re-established with backoff. SIGTERM or SIGINT stop it, removing the
 //! socket file of a Unix listener.
 
+#![forbid(unsafe_code)]
+
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};

@@ -13,6 +13,9 @@
 //!
 //! Message types are generated from `proto/` at build time with a pure-Rust compiler.
 
+#![deny(unsafe_code)]
+// All of it is in `transport::sys`, which allows it for itself.
+
 pub mod blocking;
 pub mod client;
 pub mod fds;

@@ -263,14 +263,14 @@ pub fn raise_nofile_limit() {
     let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok());
-    if let Some(ceiling) = nr_open.filter(|&n| n > hard) {
-        if setrlimit(Resource::RLIMIT_NOFILE, ceiling, ceiling).is_ok() {
-            return tracing::info!(
-                from = soft,
-                to = ceiling,
-                "raised RLIMIT_NOFILE to fs.nr_open"
-            );
-        }
+    if let Some(ceiling) = nr_open.filter(|&n| n > hard)
+        && setrlimit(Resource::RLIMIT_NOFILE, ceiling, ceiling).is_ok()
+    {
+        return tracing::info!(
+            from = soft,
+            to = ceiling,
+            "raised RLIMIT_NOFILE to fs.nr_open"
+        );
     }
     if soft < hard {
         match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {

@@ -355,7 +355,7 @@ mod tests {
         let random_labels = |next: &mut dyn FnMut() -> u64| -> Labels {
             let mut labels = Labels::new();
             for &k in keys {
-                if next() % 3 != 0 {
+                if !next().is_multiple_of(3) {
                     labels.insert(k.to_string(), (next() % 3).to_string());
                 }
             }

@@ -14,6 +14,8 @@
 //! # drop(fd); Ok(()) }
 //! ```
 
+#![forbid(unsafe_code)]
+
 pub mod daemon;
 pub mod directory;
 mod handle;
