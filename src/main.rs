@@ -107,7 +107,8 @@ enum Command {
     /// Wait until a target matching LABELS is registered (at most -w, default 30 s).
     ///
     /// Exits 0 once at least one matches, 1 if none did in time. A switchboard
-    /// that is still starting is waited for too.
+    /// that is still starting is waited for too; with no LABELS, only the
+    /// switchboard is: `flower switchboard & flower wait`.
     Wait {
         #[command(flatten)]
         wait: Patience,
@@ -252,14 +253,21 @@ fn init_logging(json: bool) {
 
 impl Command {
     /// The descriptor `--ready-fd` names, if any.
-    fn ready_fd(&self) -> Option<RawFd> {
-        match self {
+    fn ready_fd(&self) -> Result<Option<RawFd>, UsageError> {
+        Ok(match self {
+            Command::Cat {
+                listen: false,
+                ready: Readiness {
+                    ready_fd: Some(_), ..
+                },
+                ..
+            } => return Err(UsageError("--ready-fd needs -l".into())),
             Command::Cat { ready, .. }
             | Command::Ingress(IngressCommand::Accept { ready, .. })
             | Command::Egress(EgressCommand::Connect { ready, .. })
             | Command::Egress(EgressCommand::Resolve { ready, .. }) => ready.ready_fd,
             _ => None,
-        }
+        })
     }
 }
 
@@ -298,9 +306,6 @@ async fn run(
             ready: _,
             args,
         } => {
-            if ready.is_some() && !listen {
-                return Err(UsageError("--ready-fd needs -l".into()).into());
-            }
             let (path, labels) = path_and_labels(&args)?;
             let options = flower_tools::CatOptions {
                 listen,
@@ -383,13 +388,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_json);
     // Before the runtime opens descriptors of its own (see `ReadyFd::claim`).
-    let ready = match cli.command.ready_fd().map(ReadyFd::claim) {
-        Some(Err(e)) => {
+    let ready = match cli
+        .command
+        .ready_fd()
+        .and_then(|n| n.map(ReadyFd::claim).transpose())
+    {
+        Err(e) => {
             eprintln!("flower: {e}");
             return ExitCode::from(2);
         }
-        Some(Ok(fd)) => Some(fd),
-        None => None,
+        Ok(fd) => fd,
     };
     let threads = match &cli.command {
         Command::Switchboard { threads, .. } => Some(*threads),

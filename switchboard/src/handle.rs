@@ -103,6 +103,7 @@ impl Handle {
             TargetKind::Egress => request.decode::<rpc::EgressStart>()?.0.in_labels,
         };
         let labels = merge_fixed(&self.in_labels, &requested, "In")?;
+        tracing::debug!(?kind, ?labels, "registering");
         let (peer, theirs) = self.registration_channel()?;
         let entry = Registrant {
             kind,
@@ -115,8 +116,10 @@ impl Handle {
             .unwrap()
             .insert(labels, entry)
             .map_err(|_| {
+                tracing::debug!("registration refused: another target does not contradict it");
                 Status::failed_precondition("Another target with no conflicting labels exists")
             })?;
+        tracing::debug!(id, "target registered");
         let shared = self.shared.clone();
         peer.on_close(move || {
             shared.directory.lock().unwrap().remove(id);
@@ -255,11 +258,17 @@ impl Handle {
         let (req, _) = request.decode::<rpc::ClientConnect>()?;
         let candidates = self.candidates(&req.out_labels).await?;
         // Every attempt has its own socketpair, so any failure may move on.
-        first_success(candidates, |_| false, |out, _| self.client_connect_to(out)).await
+        let result =
+            first_success(candidates, |_| false, |out, _| self.client_connect_to(out)).await;
+        if let Err(status) = &result {
+            tracing::debug!(labels = ?req.out_labels, "connect failed: {status}");
+        }
+        result
     }
 
     async fn client_connect_to(&self, out: Labels) -> Result<Response, Status> {
         let (target, labels) = self.lookup(out)?;
+        tracing::debug!(kind = ?target.kind, connection_labels = ?labels, "connecting");
         let socket = match target.kind {
             TargetKind::Server => {
                 let (ours, theirs) =
@@ -322,6 +331,7 @@ impl Handle {
 
     async fn ingress_connect_to(&self, client: OwnedFd, out: Labels) -> Result<Labels, Status> {
         let (target, labels) = self.lookup(out)?;
+        tracing::debug!(kind = ?target.kind, connection_labels = ?labels, "connecting an ingress");
         match target.kind {
             TargetKind::Server => {
                 self.server_connect(&target.peer, client, labels.clone())
@@ -360,9 +370,12 @@ impl Handle {
     ) -> Result<(M::Response, Fds), Status> {
         let timeout = self.shared.config.call_timeout;
         match tokio::time::timeout(timeout, target.call::<M>(request, fds)).await {
-            Err(_) => Err(Status::deadline_exceeded(format!(
-                "{what} did not answer within {timeout:?}"
-            ))),
+            Err(_) => {
+                tracing::debug!(method = M::PATH, "{what} did not answer within {timeout:?}");
+                Err(Status::deadline_exceeded(format!(
+                    "{what} did not answer within {timeout:?}"
+                )))
+            }
             Ok(Err(status)) if status.code == Code::Unavailable && target.is_closed() => Err(
                 Status::unavailable(format!("{what} went away during the call")),
             ),
