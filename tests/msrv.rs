@@ -17,7 +17,11 @@ fn no_dependency_needs_a_newer_rust_than_declared() {
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let metadata: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let mut newer = Vec::new();
     let mut checked = 0;
@@ -25,10 +29,16 @@ fn no_dependency_needs_a_newer_rust_than_declared() {
         if let Some(needs) = package["rust_version"].as_str() {
             checked += 1;
             if version(needs) > version(declared) {
-                newer.push(format!("{} {} needs {needs}", package["name"], package["version"]));
+                newer.push(format!(
+                    "{} {} needs {needs}",
+                    package["name"], package["version"]
+                ));
             }
         }
     }
-    assert!(checked > 10, "only {checked} packages declare a rust-version");
+    assert!(
+        checked > 10,
+        "only {checked} packages declare a rust-version"
+    );
     assert!(newer.is_empty(), "MSRV {declared}, but: {newer:#?}");
 }
