@@ -41,12 +41,18 @@ struct Patience {
     wait: Option<Duration>,
 }
 
-/// Readiness, for scripts.
-#[derive(Args, Clone, Copy, Debug)]
-struct Readiness {
-    /// Once ready, write one line to descriptor N (opened by the caller) and close it.
+/// What a tool that registers or listens takes: a bound, readiness, and where.
+#[derive(Args, Clone, Debug)]
+struct Tool {
+    #[command(flatten)]
+    wait: Patience,
+    /// Once ready (registered, or listening), write one line to descriptor N (opened
+    /// by the caller: the labels, or the bound address) and close it.
     #[arg(long, value_name = "N")]
     ready_fd: Option<RawFd>,
+    /// [PATH] LABELS...
+    #[arg(required = true, value_name = "[PATH] LABELS")]
+    args: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -96,13 +102,7 @@ enum Command {
         #[arg(short, long)]
         listen: bool,
         #[command(flatten)]
-        wait: Patience,
-        /// With -l: once registered, write the labels to descriptor N and close it.
-        #[command(flatten)]
-        ready: Readiness,
-        /// [PATH] LABELS...
-        #[arg(required = true, value_name = "[PATH] LABELS")]
-        args: Vec<String>,
+        tool: Tool,
     },
     /// Wait until a target matching LABELS is registered (at most -w, default 30 s).
     ///
@@ -154,16 +154,8 @@ enum IngressCommand {
         /// Permission bits of a Unix socket file, in octal (connecting needs write).
         #[arg(long, value_parser = parse_mode)]
         mode: Option<u32>,
-        /// Bound on connecting to the switchboard and on each push (default: 30 s
-        /// to start, 10 s per connection).
         #[command(flatten)]
-        wait: Patience,
-        /// Once listening, write the bound address to descriptor N and close it.
-        #[command(flatten)]
-        ready: Readiness,
-        /// [PATH] LABELS...
-        #[arg(required = true, value_name = "[PATH] LABELS")]
-        args: Vec<String>,
+        tool: Tool,
     },
 }
 
@@ -182,15 +174,8 @@ enum EgressCommand {
         /// Seconds to wait for an outbound connect.
         #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = parse_seconds)]
         connect_timeout: Duration,
-        /// Bound on each attempt to register (default 30 s).
         #[command(flatten)]
-        wait: Patience,
-        /// Once registered, write the labels to descriptor N and close it.
-        #[command(flatten)]
-        ready: Readiness,
-        /// [PATH] LABELS...
-        #[arg(required = true, value_name = "[PATH] LABELS")]
-        args: Vec<String>,
+        tool: Tool,
     },
     /// Register as a resolver that turns host names into addresses for egress.
     ///
@@ -212,15 +197,8 @@ enum EgressCommand {
         /// Answer only from numeric names, the hosts file and localhost.
         #[arg(long)]
         no_dns: bool,
-        /// Bound on each attempt to register (default 30 s).
         #[command(flatten)]
-        wait: Patience,
-        /// Once registered, write the labels to descriptor N and close it.
-        #[command(flatten)]
-        ready: Readiness,
-        /// [PATH] LABELS...
-        #[arg(required = true, value_name = "[PATH] LABELS")]
-        args: Vec<String>,
+        tool: Tool,
     },
 }
 
@@ -257,15 +235,14 @@ impl Command {
         Ok(match self {
             Command::Cat {
                 listen: false,
-                ready: Readiness {
+                tool: Tool {
                     ready_fd: Some(_), ..
                 },
-                ..
             } => return Err(UsageError("--ready-fd needs -l".into())),
-            Command::Cat { ready, .. }
-            | Command::Ingress(IngressCommand::Accept { ready, .. })
-            | Command::Egress(EgressCommand::Connect { ready, .. })
-            | Command::Egress(EgressCommand::Resolve { ready, .. }) => ready.ready_fd,
+            Command::Cat { tool, .. }
+            | Command::Ingress(IngressCommand::Accept { tool, .. })
+            | Command::Egress(EgressCommand::Connect { tool, .. })
+            | Command::Egress(EgressCommand::Resolve { tool, .. }) => tool.ready_fd,
             _ => None,
         })
     }
@@ -300,16 +277,11 @@ async fn run(
             })
             .await?;
         }
-        Command::Cat {
-            listen,
-            wait,
-            ready: _,
-            args,
-        } => {
-            let (path, labels) = path_and_labels(&args)?;
+        Command::Cat { listen, tool } => {
+            let (path, labels) = path_and_labels(&tool.args)?;
             let options = flower_tools::CatOptions {
                 listen,
-                wait: wait.wait,
+                wait: tool.wait.wait,
                 ready,
             };
             flower_tools::cat(&path, &labels, options).await?;
@@ -322,14 +294,12 @@ async fn run(
         Command::Ingress(IngressCommand::Accept {
             address,
             mode,
-            wait,
-            ready: _,
-            args,
+            tool,
         }) => {
-            let (path, labels) = path_and_labels(&args)?;
+            let (path, labels) = path_and_labels(&tool.args)?;
             let options = flower_ingress::Options { mode };
             let startup = Startup {
-                wait: wait.wait,
+                wait: tool.wait.wait,
                 ready,
             };
             flower_ingress::accept(&address, &path, &labels, options, startup).await?;
@@ -337,17 +307,15 @@ async fn run(
         Command::Egress(EgressCommand::Connect {
             allow_unix_prefix,
             connect_timeout,
-            wait,
-            ready: _,
-            args,
+            tool,
         }) => {
-            let (path, labels) = path_and_labels(&args)?;
+            let (path, labels) = path_and_labels(&tool.args)?;
             let options = flower_egress::Options {
                 allowed_unix_prefixes: allow_unix_prefix,
                 connect_timeout,
             };
             let startup = Startup {
-                wait: wait.wait,
+                wait: tool.wait.wait,
                 ready,
             };
             flower_egress::connect(&path, &labels, options, startup).await?;
@@ -355,18 +323,16 @@ async fn run(
         Command::Egress(EgressCommand::Resolve {
             hosts_file,
             no_dns,
-            wait,
-            ready: _,
-            args,
+            tool,
         }) => {
-            let (path, labels) = path_and_labels(&args)?;
+            let (path, labels) = path_and_labels(&tool.args)?;
             let options = flower_egress::ResolveOptions {
                 hosts_file,
                 dns: !no_dns,
                 ..Default::default()
             };
             let startup = Startup {
-                wait: wait.wait,
+                wait: tool.wait.wait,
                 ready,
             };
             flower_egress::resolve(&path, &labels, options, startup).await?;

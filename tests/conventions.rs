@@ -28,6 +28,14 @@ fn flower(args: &[&str]) -> Output {
     finish(child)
 }
 
+/// The command failed with exit status `code` and exactly `stderr`.
+fn assert_fails(out: &Output, code: i32, stderr: &str) {
+    assert_eq!(
+        (out.status.code(), text(&out.stderr).as_str()),
+        (Some(code), stderr)
+    );
+}
+
 fn finish(mut child: std::process::Child) -> Output {
     let status = wait_child(&mut child);
     let mut out = child.wait_with_output().unwrap();
@@ -69,17 +77,9 @@ fn script(daemon: &Daemon, body: &str) -> Output {
 /// A SEQPACKET socket that accepts connections and never answers a call.
 fn silent_switchboard(dir: &std::path::Path) -> std::path::PathBuf {
     let path = dir.join("silent");
-    use nix::sys::socket::{
-        AddressFamily, Backlog, SockFlag, SockType, UnixAddr, accept, bind, listen, socket,
-    };
+    use nix::sys::socket::{Backlog, UnixAddr, accept, bind, listen};
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    let fd = socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .unwrap();
+    let fd = seqpacket();
     bind(fd.as_raw_fd(), &UnixAddr::new(&path).unwrap()).unwrap();
     listen(&fd, Backlog::new(16).unwrap()).unwrap();
     std::thread::spawn(move || {
@@ -128,16 +128,16 @@ fn a_server_waits_for_its_client_only_as_long_as_told() {
     let daemon = Daemon::start();
     let path = daemon.path.to_str().unwrap();
     let out = flower(&["cat", "-l", "-w", "0.3", path, "app=lonely"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert_eq!(
-        text(&out.stderr),
-        "flower: timed out after 0.3s waiting for a client\n"
+    assert_fails(
+        &out,
+        1,
+        "flower: timed out after 0.3s waiting for a client\n",
     );
     let out = flower(&["wait", "-w", "0.2", path, "app=none"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert_eq!(
-        text(&out.stderr),
-        "flower: no target matching {\"app\":\"none\"} within 0.2s\n"
+    assert_fails(
+        &out,
+        1,
+        "flower: no target matching {\"app\":\"none\"} within 0.2s\n",
     );
 }
 
@@ -262,11 +262,7 @@ fn an_unknown_group_leaves_no_socket_behind() {
         "no-such-group-here",
         path.to_str().unwrap(),
     ]);
-    assert_eq!(out.status.code(), Some(1));
-    assert_eq!(
-        text(&out.stderr),
-        "flower: unknown group no-such-group-here\n"
-    );
+    assert_fails(&out, 1, "flower: unknown group no-such-group-here\n");
     assert!(!path.exists(), "no socket file left");
 }
 
@@ -295,10 +291,10 @@ fn a_closed_stdout_ends_cat_quietly() {
            flower wait app=full
            flower cat app=full </dev/null >/dev/full"#,
     );
-    assert_eq!(out.status.code(), Some(1));
-    assert_eq!(
-        text(&out.stderr),
-        "{\"app\":\"full\"}\nflower: writing to stdout: No space left on device (os error 28)\n"
+    assert_fails(
+        &out,
+        1,
+        "{\"app\":\"full\"}\nflower: writing to stdout: No space left on device (os error 28)\n",
     );
 }
 
@@ -335,15 +331,7 @@ fn ingress_on_a_unix_path_cleans_up_and_restarts() {
         std::fs::metadata(&socket).unwrap().permissions().mode() & 0o7777,
         0o660
     );
-    let term = |child: &mut std::process::Child| {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        wait_child(child)
-    };
-    assert!(term(&mut first).success());
+    assert!(terminate(&mut first).success());
     assert!(!socket.exists(), "the socket file is removed on SIGTERM");
     // A killed ingress leaves its file; the next one replaces it.
     let (mut second, line) = start("");
@@ -365,7 +353,7 @@ fn ingress_on_a_unix_path_cleans_up_and_restarts() {
         .read_to_string(&mut err)
         .unwrap();
     assert_eq!(err, "flower: something is already listening at rel.sock\n");
-    assert!(term(&mut third).success());
+    assert!(terminate(&mut third).success());
     assert!(!socket.exists());
 }
 
@@ -408,19 +396,10 @@ fn logs_say_what_happened_with_the_labels() {
     )
     .unwrap();
     let out = flower(&["cat", p, "app=logged", "address_family=inet"]);
-    assert_eq!(out.status.code(), Some(1));
-    assert_eq!(
-        text(&out.stderr),
-        "flower: Target did not answer within 200ms\n"
-    );
+    assert_fails(&out, 1, "flower: Target did not answer within 200ms\n");
     server.kill().unwrap();
     server.wait().unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(daemon.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    wait_child(&mut daemon);
+    terminate(&mut daemon);
     let mut log = String::new();
     daemon
         .stderr

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
@@ -11,25 +11,6 @@ use std::process::{Command, Stdio};
 use common::*;
 use flower_proto::Labels;
 use flower_proto::client::Switchboard;
-
-fn seqpacket_socket() -> OwnedFd {
-    nix::sys::socket::socket(
-        nix::sys::socket::AddressFamily::Unix,
-        nix::sys::socket::SockType::SeqPacket,
-        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .unwrap()
-}
-
-fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    wait_child(child)
-}
 
 #[test]
 fn tells_the_service_manager_when_ready_and_stopping() {
@@ -53,7 +34,7 @@ fn tells_the_service_manager_when_ready_and_stopping() {
         std::os::unix::net::UnixStream::connect(&path).is_err(),
         "not a stream socket"
     );
-    let channel = seqpacket_socket();
+    let channel = seqpacket();
     nix::sys::socket::connect(
         channel.as_raw_fd(),
         &nix::sys::socket::UnixAddr::new(&path).unwrap(),
@@ -69,7 +50,7 @@ async fn serves_a_socket_passed_by_the_service_manager() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("activated");
     // The manager binds and listens; the daemon gets the socket as descriptor 3.
-    let listener = seqpacket_socket();
+    let listener = seqpacket();
     nix::sys::socket::bind(
         listener.as_raw_fd(),
         &nix::sys::socket::UnixAddr::new(&path).unwrap(),
