@@ -101,6 +101,18 @@ enum Command {
         /// also give up if no client comes within SECONDS.
         #[arg(short, long)]
         listen: bool,
+        /// With -l: keep serving, one connection after another (with --exec, all at
+        /// once), like nc -l -k.
+        #[arg(short, long, requires = "listen")]
+        keep: bool,
+        /// Do not print the connection labels.
+        #[arg(short, long)]
+        quiet: bool,
+        /// Run CMD [ARGS...] per connection with the socket as its stdin and stdout
+        /// and the labels in FLOWER_LABELS (JSON) and FLOWER_LABEL_<key>, like inetd or
+        /// socat EXEC:. Must come last.
+        #[arg(long, value_name = "CMD", num_args = 1.., allow_hyphen_values = true)]
+        exec: Option<Vec<String>>,
         #[command(flatten)]
         tool: Tool,
     },
@@ -238,6 +250,7 @@ impl Command {
                 tool: Tool {
                     ready_fd: Some(_), ..
                 },
+                ..
             } => return Err(UsageError("--ready-fd needs -l".into())),
             Command::Cat { tool, .. }
             | Command::Ingress(IngressCommand::Accept { tool, .. })
@@ -277,10 +290,19 @@ async fn run(
             })
             .await?;
         }
-        Command::Cat { listen, tool } => {
+        Command::Cat {
+            listen,
+            keep,
+            quiet,
+            exec,
+            tool,
+        } => {
             let (path, labels) = path_and_labels(&tool.args)?;
             let options = flower_tools::CatOptions {
                 listen,
+                keep,
+                quiet,
+                exec,
                 wait: tool.wait.wait,
                 ready,
             };

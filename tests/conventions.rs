@@ -421,3 +421,38 @@ fn logs_say_what_happened_with_the_labels() {
         serde_json::from_str::<serde_json::Value>(line).expect("every line is JSON");
     }
 }
+
+#[test]
+fn cat_keeps_serving_and_runs_a_command_per_connection() {
+    let daemon = Daemon::start();
+    let out = script(
+        &daemon,
+        r#"flower cat -l -k -q app=e --exec sh -c 'echo "hi $FLOWER_LABEL_app $FLOWER_LABELS"; cat' &
+           server=$!
+           flower wait app=e
+           # Three clients at once: each gets its own command.
+           clients=()
+           for i in 1 2 3; do echo "client $i" | flower cat -q app=e > out.$i & clients+=($!); done
+           wait "${clients[@]}"
+           cat out.1 out.2 out.3
+           flower ls
+           kill $server
+           # One-shot: the command's failure is the server's.
+           flower cat -l app=f --exec false 2>server.err &
+           server=$!
+           flower wait app=f
+           flower cat -q app=f </dev/null
+           wait $server || echo "server: $(cat server.err)""#,
+    );
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}\n{stdout}", text(&out.stderr));
+    let expected = (1..=3)
+        .map(|i| format!("hi e {{\"app\":\"e\"}}\nclient {i}\n"))
+        .collect::<String>();
+    assert_eq!(
+        stdout,
+        format!(
+            "{expected}{{\"app\":\"e\"}}\nserver: {{\"app\":\"f\"}}\nflower: false exit status: 1\n"
+        )
+    );
+}
