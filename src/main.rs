@@ -134,6 +134,15 @@ enum Command {
     /// Make outbound connections on the switchboard's behalf.
     #[command(subcommand)]
     Egress(EgressCommand),
+    /// Print a shell completion script: flower completions bash > /etc/bash_completion.d/flower
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff): flower man | man -l -
+    Man,
+    /// Print the version.
+    Version,
     /// List the targets matching LABELS, oldest first, one JSON object per line.
     Ls {
         /// Long form: key=value words, quoted for the shell where needed.
@@ -239,6 +248,18 @@ fn init_logging(json: bool) {
     } else {
         builder.try_init()
     };
+}
+
+/// Writes `bytes` to stdout; a reader that went away (`| head`) is not an error.
+fn print(bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(bytes).and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow::Error::from(e).context("writing to stdout"))
+        }
+        _ => Ok(()),
+    }
 }
 
 impl Command {
@@ -359,6 +380,18 @@ async fn run(
             };
             flower_egress::resolve(&path, &labels, options, startup).await?;
         }
+        Command::Completions { shell } => {
+            let mut out = Vec::new();
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "flower", &mut out);
+            print(&out)?;
+        }
+        Command::Man => {
+            let mut out = Vec::new();
+            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut out)?;
+            print(&out)?;
+        }
+        Command::Version => print(format!("flower {}\n", env!("CARGO_PKG_VERSION")).as_bytes())?,
         Command::Ls { long, wait, args } => {
             let (path, labels) = path_and_labels(&args)?;
             let format = match long {

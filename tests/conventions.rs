@@ -456,3 +456,26 @@ fn cat_keeps_serving_and_runs_a_command_per_connection() {
         )
     );
 }
+
+#[test]
+fn completions_man_page_and_version_come_from_the_command_line_definition() {
+    let out = flower(&["completions", "bash"]);
+    assert!(out.status.success());
+    let script = text(&out.stdout);
+    for word in ["_flower", "--ready-fd", "--timeout", "wait"] {
+        assert!(script.contains(word), "completions mention {word}");
+    }
+    let out = flower(&["man"]);
+    assert!(out.status.success());
+    assert!(text(&out.stdout).starts_with(".ie"), "roff");
+    assert!(text(&out.stdout).contains("switchboard"));
+    let out = flower(&["version"]);
+    assert_eq!(
+        text(&out.stdout),
+        format!("flower {}\n", env!("CARGO_PKG_VERSION"))
+    );
+    assert_eq!(
+        flower(&["completions", "nosuchshell"]).status.code(),
+        Some(2)
+    );
+}
