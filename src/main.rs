@@ -262,6 +262,18 @@ fn print(bytes: &[u8]) -> Result<()> {
     }
 }
 
+impl Tool {
+    /// The switchboard path, the labels, and how to start.
+    fn start(&self, ready: Option<ReadyFd>) -> Result<(PathBuf, flower_proto::Labels, Startup)> {
+        let (path, labels) = path_and_labels(&self.args)?;
+        let startup = Startup {
+            wait: self.wait.wait,
+            ready,
+        };
+        Ok((path, labels, startup))
+    }
+}
+
 impl Command {
     /// The descriptor `--ready-fd` names, if any.
     fn ready_fd(&self) -> Result<Option<RawFd>, UsageError> {
@@ -339,12 +351,8 @@ async fn run(
             mode,
             tool,
         }) => {
-            let (path, labels) = path_and_labels(&tool.args)?;
+            let (path, labels, startup) = tool.start(ready)?;
             let options = flower_ingress::Options { mode };
-            let startup = Startup {
-                wait: tool.wait.wait,
-                ready,
-            };
             flower_ingress::accept(&address, &path, &labels, options, startup).await?;
         }
         Command::Egress(EgressCommand::Connect {
@@ -352,14 +360,10 @@ async fn run(
             connect_timeout,
             tool,
         }) => {
-            let (path, labels) = path_and_labels(&tool.args)?;
+            let (path, labels, startup) = tool.start(ready)?;
             let options = flower_egress::Options {
                 allowed_unix_prefixes: allow_unix_prefix,
                 connect_timeout,
-            };
-            let startup = Startup {
-                wait: tool.wait.wait,
-                ready,
             };
             flower_egress::connect(&path, &labels, options, startup).await?;
         }
@@ -368,15 +372,11 @@ async fn run(
             no_dns,
             tool,
         }) => {
-            let (path, labels) = path_and_labels(&tool.args)?;
+            let (path, labels, startup) = tool.start(ready)?;
             let options = flower_egress::ResolveOptions {
                 hosts_file,
                 dns: !no_dns,
                 ..Default::default()
-            };
-            let startup = Startup {
-                wait: tool.wait.wait,
-                ready,
             };
             flower_egress::resolve(&path, &labels, options, startup).await?;
         }
