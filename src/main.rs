@@ -148,6 +148,11 @@ enum Command {
         /// Long form: key=value words, quoted for the shell where needed.
         #[arg(short, long)]
         long: bool,
+        /// Keep watching: print {"added":LABELS} and {"removed":LABELS} lines (with
+        /// -l: "+ words" and "- words") as targets come and go, until interrupted.
+        /// Lists again every 100 ms.
+        #[arg(long)]
+        watch: bool,
         #[command(flatten)]
         wait: Patience,
         /// [PATH] [LABELS...]
@@ -392,14 +397,23 @@ async fn run(
             print(&out)?;
         }
         Command::Version => print(format!("flower {}\n", env!("CARGO_PKG_VERSION")).as_bytes())?,
-        Command::Ls { long, wait, args } => {
+        Command::Ls {
+            long,
+            watch,
+            wait,
+            args,
+        } => {
             let (path, labels) = path_and_labels(&args)?;
             let format = match long {
                 true => flower_tools::Format::Words,
                 false => flower_tools::Format::Json,
             };
             let limit = wait.wait.unwrap_or(flower_tools::DEFAULT_WAIT);
-            flower_tools::ls(&path, &labels, format, limit, &mut std::io::stdout().lock()).await?;
+            let mut stdout = std::io::stdout().lock();
+            match watch {
+                true => flower_tools::watch(&path, &labels, format, limit, &mut stdout).await?,
+                false => flower_tools::ls(&path, &labels, format, limit, &mut stdout).await?,
+            }
         }
     }
     Ok(())

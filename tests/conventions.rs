@@ -479,3 +479,26 @@ fn completions_man_page_and_version_come_from_the_command_line_definition() {
         Some(2)
     );
 }
+
+#[test]
+fn ls_watch_prints_targets_as_they_come_and_go() {
+    let daemon = Daemon::start();
+    let out = script(
+        &daemon,
+        r#"flower ls --watch app=w > watch.json & watcher=$!
+           flower ls --watch -l app=w > watch.words & words=$!
+           flower cat -l app=w pod=1 </dev/null & server=$!
+           flower wait app=w
+           until grep -q added watch.json && grep -q + watch.words; do sleep 0.05; done
+           kill $server; wait $server || true
+           until grep -q removed watch.json && grep -q - watch.words; do sleep 0.05; done
+           kill $watcher $words
+           cat watch.json watch.words"#,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "{\"added\":{\"app\":\"w\",\"pod\":\"1\"}}\n{\"removed\":{\"app\":\"w\",\"pod\":\"1\"}}\n\
+         + app=w pod=1\n- app=w pod=1\n"
+    );
+}
