@@ -46,12 +46,18 @@ struct Patience {
     wait: Option<Duration>,
 }
 
-/// Readiness, for scripts.
-#[derive(Args, Clone, Copy, Debug)]
-struct Readiness {
-    /// Once ready, write one line to descriptor N (opened by the caller) and close it.
+/// What a tool that registers or listens takes: a bound, readiness, and where.
+#[derive(Args, Clone, Debug)]
+struct Tool {
+    #[command(flatten)]
+    wait: Patience,
+    /// Once ready (registered, or listening), write one line to descriptor N (opened
+    /// by the caller: the labels, or the bound address) and close it.
     #[arg(long, value_name = "N")]
     ready_fd: Option<RawFd>,
+    /// [PATH] LABELS...
+    #[arg(required = true, value_name = "[PATH] LABELS")]
+    args: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -140,19 +146,26 @@ enum Command {
         /// also give up if no client comes within SECONDS.
         #[arg(short, long)]
         listen: bool,
+        /// With -l: keep serving, one connection after another (with --exec, all at
+        /// once), like nc -l -k.
+        #[arg(short, long, requires = "listen")]
+        keep: bool,
+        /// Do not print the connection labels.
+        #[arg(short, long)]
+        quiet: bool,
+        /// Run CMD [ARGS...] per connection with the socket as its stdin and stdout
+        /// and the labels in FLOWER_LABELS (JSON) and FLOWER_LABEL_<key>, like inetd or
+        /// socat EXEC:. Must come last.
+        #[arg(long, value_name = "CMD", num_args = 1.., allow_hyphen_values = true)]
+        exec: Option<Vec<String>>,
         #[command(flatten)]
-        wait: Patience,
-        /// With -l: once registered, write the labels to descriptor N and close it.
-        #[command(flatten)]
-        ready: Readiness,
-        /// [PATH] LABELS...
-        #[arg(required = true, value_name = "[PATH] LABELS")]
-        args: Vec<String>,
+        tool: Tool,
     },
     /// Wait until a target matching LABELS is registered (at most -w, default 30 s).
     ///
     /// Exits 0 once at least one matches, 1 if none did in time. A switchboard
-    /// that is still starting is waited for too.
+    /// that is still starting is waited for too; with no LABELS, only the
+    /// switchboard is: `flower switchboard & flower wait`.
     Wait {
         #[command(flatten)]
         wait: Patience,
@@ -166,11 +179,25 @@ enum Command {
     /// Make outbound connections on the switchboard's behalf.
     #[command(subcommand)]
     Egress(EgressCommand),
+    /// Print a shell completion script: flower completions bash > /etc/bash_completion.d/flower
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff): flower man | man -l -
+    Man,
+    /// Print the version.
+    Version,
     /// List the targets matching LABELS, oldest first, one JSON object per line.
     Ls {
         /// Long form: key=value words, quoted for the shell where needed.
         #[arg(short, long)]
         long: bool,
+        /// Keep watching: print {"added":LABELS} and {"removed":LABELS} lines (with
+        /// -l: "+ words" and "- words") as targets come and go, until interrupted.
+        /// Lists again every 100 ms.
+        #[arg(long)]
+        watch: bool,
         #[command(flatten)]
         wait: Patience,
         /// [PATH] [LABELS...]
@@ -228,16 +255,8 @@ enum IngressCommand {
         /// Permission bits of a Unix socket file, in octal (connecting needs write).
         #[arg(long, value_parser = parse_mode)]
         mode: Option<u32>,
-        /// Bound on connecting to the switchboard and on each push (default: 30 s
-        /// to start, 10 s per connection).
         #[command(flatten)]
-        wait: Patience,
-        /// Once listening, write the bound address to descriptor N and close it.
-        #[command(flatten)]
-        ready: Readiness,
-        /// [PATH] LABELS...
-        #[arg(required = true, value_name = "[PATH] LABELS")]
-        args: Vec<String>,
+        tool: Tool,
     },
 }
 
@@ -256,12 +275,6 @@ enum EgressCommand {
         /// Seconds to wait for an outbound connect.
         #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = parse_seconds)]
         connect_timeout: Duration,
-        /// Bound on each attempt to register (default 30 s).
-        #[command(flatten)]
-        wait: Patience,
-        /// Once registered, write the labels to descriptor N and close it.
-        #[command(flatten)]
-        ready: Readiness,
         /// Allow TCP connects to this CIDR block (repeatable). Once any is given,
         /// only allowed blocks are reachable. Without any, everything but node-local
         /// addresses (loopback, link-local, 0.0.0.0, ::) is.
@@ -271,9 +284,8 @@ enum EgressCommand {
         /// IPv4-mapped IPv6 addresses are matched as the IPv4 address they map.
         #[arg(long, value_name = "CIDR")]
         deny: Vec<flower_egress::Cidr>,
-        /// [PATH] LABELS...
-        #[arg(required = true, value_name = "[PATH] LABELS")]
-        args: Vec<String>,
+        #[command(flatten)]
+        tool: Tool,
     },
     /// Register as a resolver that turns host names into addresses for egress.
     ///
@@ -295,15 +307,8 @@ enum EgressCommand {
         /// Answer only from numeric names, the hosts file and localhost.
         #[arg(long)]
         no_dns: bool,
-        /// Bound on each attempt to register (default 30 s).
         #[command(flatten)]
-        wait: Patience,
-        /// Once registered, write the labels to descriptor N and close it.
-        #[command(flatten)]
-        ready: Readiness,
-        /// [PATH] LABELS...
-        #[arg(required = true, value_name = "[PATH] LABELS")]
-        args: Vec<String>,
+        tool: Tool,
     },
 }
 
@@ -334,16 +339,47 @@ fn init_logging(json: bool) {
     };
 }
 
+/// Writes `bytes` to stdout; a reader that went away (`| head`) is not an error.
+fn print(bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(bytes).and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow::Error::from(e).context("writing to stdout"))
+        }
+        _ => Ok(()),
+    }
+}
+
+impl Tool {
+    /// The switchboard path, the labels, and how to start.
+    fn start(&self, ready: Option<ReadyFd>) -> Result<(PathBuf, flower_proto::Labels, Startup)> {
+        let (path, labels) = path_and_labels(&self.args)?;
+        let startup = Startup {
+            wait: self.wait.wait,
+            ready,
+        };
+        Ok((path, labels, startup))
+    }
+}
+
 impl Command {
     /// The descriptor `--ready-fd` names, if any.
-    fn ready_fd(&self) -> Option<RawFd> {
-        match self {
-            Command::Cat { ready, .. }
-            | Command::Ingress(IngressCommand::Accept { ready, .. })
-            | Command::Egress(EgressCommand::Connect { ready, .. })
-            | Command::Egress(EgressCommand::Resolve { ready, .. }) => ready.ready_fd,
+    fn ready_fd(&self) -> Result<Option<RawFd>, UsageError> {
+        Ok(match self {
+            Command::Cat {
+                listen: false,
+                tool: Tool {
+                    ready_fd: Some(_), ..
+                },
+                ..
+            } => return Err(UsageError("--ready-fd needs -l".into())),
+            Command::Cat { tool, .. }
+            | Command::Ingress(IngressCommand::Accept { tool, .. })
+            | Command::Egress(EgressCommand::Connect { tool, .. })
+            | Command::Egress(EgressCommand::Resolve { tool, .. }) => tool.ready_fd,
             _ => None,
-        }
+        })
     }
 }
 
@@ -406,17 +442,18 @@ async fn run(
         }
         Command::Cat {
             listen,
-            wait,
-            ready: _,
-            args,
+            keep,
+            quiet,
+            exec,
+            tool,
         } => {
-            if ready.is_some() && !listen {
-                return Err(UsageError("--ready-fd needs -l".into()).into());
-            }
-            let (path, labels) = path_and_labels(&args)?;
+            let (path, labels) = path_and_labels(&tool.args)?;
             let options = flower_tools::CatOptions {
                 listen,
-                wait: wait.wait,
+                keep,
+                quiet,
+                exec,
+                wait: tool.wait.wait,
                 ready,
             };
             flower_tools::cat(&path, &labels, options).await?;
@@ -429,66 +466,69 @@ async fn run(
         Command::Ingress(IngressCommand::Accept {
             address,
             mode,
-            wait,
-            ready: _,
-            args,
+            tool,
         }) => {
-            let (path, labels) = path_and_labels(&args)?;
+            let (path, labels, startup) = tool.start(ready)?;
             let options = flower_ingress::Options { mode };
-            let startup = Startup {
-                wait: wait.wait,
-                ready,
-            };
             flower_ingress::accept(&address, &path, &labels, options, startup).await?;
         }
         Command::Egress(EgressCommand::Connect {
             allow_unix_prefix,
             connect_timeout,
-            wait,
-            ready: _,
             allow,
             deny,
-            args,
+            tool,
         }) => {
-            let (path, labels) = path_and_labels(&args)?;
+            let (path, labels, startup) = tool.start(ready)?;
             let options = flower_egress::Options {
                 allowed_unix_prefixes: allow_unix_prefix,
                 connect_timeout,
                 policy: flower_egress::Policy { allow, deny },
-            };
-            let startup = Startup {
-                wait: wait.wait,
-                ready,
             };
             flower_egress::connect(&path, &labels, options, startup).await?;
         }
         Command::Egress(EgressCommand::Resolve {
             hosts_file,
             no_dns,
-            wait,
-            ready: _,
-            args,
+            tool,
         }) => {
-            let (path, labels) = path_and_labels(&args)?;
+            let (path, labels, startup) = tool.start(ready)?;
             let options = flower_egress::ResolveOptions {
                 hosts_file,
                 dns: !no_dns,
                 ..Default::default()
             };
-            let startup = Startup {
-                wait: wait.wait,
-                ready,
-            };
             flower_egress::resolve(&path, &labels, options, startup).await?;
         }
-        Command::Ls { long, wait, args } => {
+        Command::Completions { shell } => {
+            let mut out = Vec::new();
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "flower", &mut out);
+            print(&out)?;
+        }
+        Command::Man => {
+            let mut out = Vec::new();
+            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut out)?;
+            print(&out)?;
+        }
+        Command::Version => print(format!("flower {}\n", env!("CARGO_PKG_VERSION")).as_bytes())?,
+        Command::Ls {
+            long,
+            watch,
+            wait,
+            args,
+        } => {
             let (path, labels) = path_and_labels(&args)?;
             let format = match long {
                 true => flower_tools::Format::Words,
                 false => flower_tools::Format::Json,
             };
             let limit = wait.wait.unwrap_or(flower_tools::DEFAULT_WAIT);
-            flower_tools::ls(&path, &labels, format, limit, &mut std::io::stdout().lock()).await?;
+            let mut stdout = std::io::stdout().lock();
+            match watch {
+                true => flower_tools::watch(&path, &labels, format, limit, &mut stdout).await?,
+                false => flower_tools::ls(&path, &labels, format, limit, &mut stdout).await?,
+            }
         }
         Command::Run {
             path,
@@ -526,13 +566,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_json);
     // Before the runtime opens descriptors of its own (see `ReadyFd::claim`).
-    let ready = match cli.command.ready_fd().map(ReadyFd::claim) {
-        Some(Err(e)) => {
+    let ready = match cli
+        .command
+        .ready_fd()
+        .and_then(|n| n.map(ReadyFd::claim).transpose())
+    {
+        Err(e) => {
             eprintln!("flower: {e}");
             return ExitCode::from(2);
         }
-        Some(Ok(fd)) => Some(fd),
-        None => None,
+        Ok(fd) => fd,
     };
     let threads = match &cli.command {
         Command::Switchboard { threads, .. } => Some(*threads),

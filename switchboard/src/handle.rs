@@ -91,10 +91,14 @@ impl rpc::Switchboard for Handle {
         let candidates = self.candidates(&req.out_labels, deadline).await?;
         // Every attempt has its own socketpair, so any failure may move on.
         let out_of_time = |_: &Status| Instant::now() >= deadline;
-        first_success(candidates, out_of_time, |out, _| {
+        let result = first_success(candidates, out_of_time, |out, _| {
             self.client_connect_to(out, deadline)
         })
-        .await
+        .await;
+        if let Err(status) = &result {
+            tracing::debug!(labels = ?req.out_labels, "connect failed: {status}");
+        }
+        result
     }
 
     async fn ingress_connect(
@@ -245,6 +249,7 @@ impl Handle {
         backlog: bool,
     ) -> Answer<Option<flower_proto::Fd>> {
         let labels = merge_fixed(&self.in_labels, &requested, "In")?;
+        tracing::debug!(?kind, ?labels, "registering");
         // Everyone's List must be able to show it.
         if !fits_list_reply(&labels) {
             return Err(Status::invalid_argument(format!(
@@ -267,8 +272,10 @@ impl Handle {
             .unwrap()
             .insert(labels, entry)
             .map_err(|_| {
+                tracing::debug!("registration refused: another target does not contradict it");
                 Status::failed_precondition("Another target with no conflicting labels exists")
             })?;
+        tracing::debug!(id, "target registered");
         let shared = self.shared.clone();
         let counted = self.counted.as_ref().map(|c| c.target(id));
         peer.on_close(move || {
@@ -375,6 +382,7 @@ impl Handle {
         deadline: Instant,
     ) -> Answer<sb::ClientConnectResponse> {
         let (target, labels) = self.lookup(out)?;
+        tracing::debug!(kind = ?target.kind, connection_labels = ?labels, "connecting");
         let socket = match target.kind {
             TargetKind::Server => {
                 let (ours, theirs) = self
@@ -425,6 +433,7 @@ impl Handle {
         deadline: Instant,
     ) -> Result<Labels, Status> {
         let (target, labels) = self.lookup(out)?;
+        tracing::debug!(kind = ?target.kind, connection_labels = ?labels, "connecting an ingress");
         match target.kind {
             TargetKind::Server => {
                 self.server_connect(&target.peer, client, labels.clone(), deadline)
@@ -509,10 +518,17 @@ impl Handle {
                 "No target answered within the connect deadline of {:?}",
                 config.connect_deadline
             ))),
-            Err(_) => Err(Status::deadline_exceeded(format!(
-                "{what} did not answer within {:?}",
-                config.call_timeout
-            ))),
+            Err(_) => {
+                tracing::debug!(
+                    method = M::PATH,
+                    "{what} did not answer within {:?}",
+                    config.call_timeout
+                );
+                Err(Status::deadline_exceeded(format!(
+                    "{what} did not answer within {:?}",
+                    config.call_timeout
+                )))
+            }
             Ok(Err(status)) if status.code == Code::Unavailable && target.is_closed() => Err(
                 Status::unavailable(format!("{what} went away during the call")),
             ),

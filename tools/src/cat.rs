@@ -18,9 +18,17 @@ use crate::{DEFAULT_WAIT, bounded};
 pub struct CatOptions {
     /// Register as a server and take one connection instead of connecting.
     pub listen: bool,
-    /// `-w`: the bound on every wait, including (with `listen`) the wait for a client.
-    /// Without it, waits for the switchboard are bounded by [`DEFAULT_WAIT`] and a
-    /// server waits for its client as long as it takes.
+    /// With `listen`: stay registered and serve one connection after another (with
+    /// `exec`, concurrently), until interrupted.
+    pub keep: bool,
+    /// Do not print the connection labels.
+    pub quiet: bool,
+    /// Run this command (program and arguments) per connection with the socket as
+    /// its stdin and stdout, instead of relaying stdin and stdout.
+    pub exec: Option<Vec<String>>,
+    /// `-w`: the bound on every wait, including (with `listen`, without `keep`) the
+    /// wait for a client. Without it, waits for the switchboard are bounded by
+    /// [`DEFAULT_WAIT`] and a server waits for its client as long as it takes.
     pub wait: Option<Duration>,
     /// Told the registered labels once the server is registered.
     pub ready: Option<ReadyFd>,
@@ -30,45 +38,92 @@ pub struct CatOptions {
 /// and takes one connection), prints the connection labels on stderr as JSON and
 /// copies stdin to the connection and the connection to stdout, half-closing each
 /// direction at end of file.
-pub async fn cat(path: &Path, labels: &Labels, options: CatOptions) -> Result<()> {
-    let CatOptions {
-        listen,
-        wait,
-        mut ready,
-    } = options;
-    let patience = wait.unwrap_or(DEFAULT_WAIT);
-    let connection = if listen {
-        let mut server = bounded(patience, "registering with the switchboard", async {
-            let handle = Switchboard::connect_as(path, &[Right::ServerStart], labels).await?;
-            Ok(handle.server_start(&Labels::new()).await?)
+pub async fn cat(path: &Path, labels: &Labels, mut options: CatOptions) -> Result<()> {
+    let patience = options.wait.unwrap_or(DEFAULT_WAIT);
+    if !options.listen {
+        let connection = bounded(patience, "connecting through the switchboard", async {
+            let handle = Switchboard::connect_as(path, &[Right::ClientConnect], labels).await?;
+            Ok(handle.client_connect(&Labels::new()).await?)
         })
         .await?;
-        tracing::debug!(?labels, "registered as a server");
-        ready::notify(&mut ready, &serde_json::to_string(labels)?);
+        return serve(connection, &options).await;
+    }
+    let mut server = bounded(patience, "registering with the switchboard", async {
+        let handle = Switchboard::connect_as(path, &[Right::ServerStart], labels).await?;
+        Ok(handle.server_start(&Labels::new()).await?)
+    })
+    .await?;
+    tracing::debug!(?labels, "registered as a server");
+    let mut ready = options.ready.take();
+    ready::notify(&mut ready, &serde_json::to_string(labels)?);
+    let options = std::sync::Arc::new(options);
+    loop {
         let accept = async {
             server
                 .accept()
                 .await
                 .context("the switchboard closed the registration")
         };
-        let connection = match wait {
-            Some(limit) => bounded(limit, "waiting for a client", accept).await?,
-            None => accept.await?,
+        let connection = match options.wait {
+            Some(limit) if !options.keep => bounded(limit, "waiting for a client", accept).await?,
+            _ => accept.await?,
         };
-        // One-shot: unregister before serving the connection.
-        drop(server);
-        connection
-    } else {
-        bounded(patience, "connecting through the switchboard", async {
-            let handle = Switchboard::connect_as(path, &[Right::ClientConnect], labels).await?;
-            Ok(handle.client_connect(&Labels::new()).await?)
-        })
-        .await?
-    };
+        if !options.keep {
+            // One-shot: unregister before serving the connection.
+            drop(server);
+            return serve(connection, &options).await;
+        }
+        if options.exec.is_some() {
+            let options = options.clone();
+            tokio::spawn(async move {
+                if let Err(e) = serve(connection, &options).await {
+                    tracing::warn!("{e:#}");
+                }
+            });
+        } else if let Err(e) = serve(connection, &options).await {
+            tracing::warn!("{e:#}");
+        }
+    }
+}
+
+/// Prints the connection labels (unless quiet), then relays or runs the command.
+async fn serve(connection: Connection, options: &CatOptions) -> Result<()> {
     let Connection { socket, labels } = connection;
     tracing::debug!(connection_labels = ?labels, "connected");
-    eprintln!("{}", serde_json::to_string(&labels)?);
-    relay(socket).await
+    if !options.quiet {
+        eprintln!("{}", serde_json::to_string(&labels)?);
+    }
+    match &options.exec {
+        Some(argv) => exec(socket, &labels, argv).await,
+        None => relay(socket).await,
+    }
+}
+
+/// Runs `argv` with the socket as stdin and stdout, the connection labels in
+/// `FLOWER_LABELS` (JSON) and each label whose key is a valid name in
+/// `FLOWER_LABEL_<key>`; fails unless it exits 0.
+async fn exec(socket: OwnedFd, labels: &Labels, argv: &[String]) -> Result<()> {
+    let (program, args) = argv.split_first().context("--exec needs a command")?;
+    let mut command = std::process::Command::new(program);
+    command
+        .args(args)
+        .stdin(socket.try_clone()?)
+        .stdout(socket)
+        .env("FLOWER_LABELS", serde_json::to_string(labels)?);
+    for (key, value) in labels {
+        if key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            command.env(format!("FLOWER_LABEL_{key}"), value);
+        }
+    }
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("cannot run {program}"))?;
+    // The command holds the socket now; ours is closed when `command` goes.
+    drop(command);
+    let status = tokio::task::spawn_blocking(move || child.wait()).await??;
+    tracing::debug!(%status, "{program} finished");
+    anyhow::ensure!(status.success(), "{program} {status}");
+    Ok(())
 }
 
 /// How copying the connection to stdout ended.

@@ -22,7 +22,7 @@ mod wait;
 use std::time::Duration;
 
 pub use cat::{CatOptions, cat};
-pub use ls::{Format, ls};
+pub use ls::{Format, ls, watch};
 pub use wait::wait;
 
 /// How long a client command waits for the switchboard when not told (`-w`).

@@ -63,6 +63,70 @@ pub async fn ls(
     }
 }
 
+/// How often `--watch` lists again.
+const WATCH_POLL: Duration = Duration::from_millis(100);
+
+/// `flower ls --watch`: prints the matching targets as they come and go, one line
+/// each, `{"added":{...}}` / `{"removed":{...}}` (or `+ key=value...` / `- ...` in
+/// word format), until interrupted or the switchboard goes away. It lists again
+/// every 100 ms, so a target that comes and goes between two listings is not seen.
+pub async fn watch(
+    path: &Path,
+    labels: &Labels,
+    format: Format,
+    wait: Duration,
+    out: &mut impl Write,
+) -> Result<()> {
+    let handle = bounded(wait, "connecting to the switchboard", async {
+        Ok(Switchboard::connect_as(path, &[Right::List], labels).await?)
+    })
+    .await?;
+    let mut known: Vec<Labels> = Vec::new();
+    loop {
+        let now = bounded(wait, "listing the targets", async {
+            let mut stream = handle.list(&Labels::new()).await?;
+            let mut targets = Vec::new();
+            while let Some(target) = stream.next().await {
+                targets.push(target?);
+            }
+            Ok(targets)
+        })
+        .await?;
+        let removed = known
+            .iter()
+            .filter(|t| !now.contains(t))
+            .map(|t| ("removed", t));
+        let added = now
+            .iter()
+            .filter(|t| !known.contains(t))
+            .map(|t| ("added", t));
+        for (event, target) in removed.chain(added) {
+            let line = match format {
+                Format::Json => {
+                    let mut object = serde_json::Map::new();
+                    object.insert(event.into(), serde_json::to_value(target)?);
+                    serde_json::Value::Object(object).to_string()
+                }
+                Format::Words => {
+                    format!(
+                        "{} {}",
+                        if event == "added" { '+' } else { '-' },
+                        words(target)
+                    )
+                }
+            };
+            if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
+                if e.kind() == std::io::ErrorKind::BrokenPipe {
+                    return Ok(());
+                }
+                return Err(anyhow::Error::from(e).context("writing to stdout"));
+            }
+        }
+        known = now;
+        tokio::time::sleep(WATCH_POLL).await;
+    }
+}
+
 /// `app=web pod='a b'`.
 pub fn words(labels: &Labels) -> String {
     let plain = |s: &str| {
