@@ -390,16 +390,14 @@ impl Handle {
                     .pairs
                     .take()
                     .map_err(|e| exhausted("Cannot create a connection", &e))?;
-                match target.backlog {
-                    true => {
-                        self.server_queue(&target.peer, theirs, labels.clone(), deadline)
-                            .await?
-                    }
-                    false => {
-                        self.server_connect(&target.peer, theirs, labels.clone(), deadline)
-                            .await?
-                    }
-                }
+                self.server_connect(
+                    &target.peer,
+                    theirs,
+                    labels.clone(),
+                    deadline,
+                    target.backlog,
+                )
+                .await?;
                 ours
             }
             TargetKind::Egress => {
@@ -436,7 +434,8 @@ impl Handle {
         tracing::debug!(kind = ?target.kind, connection_labels = ?labels, "connecting an ingress");
         match target.kind {
             TargetKind::Server => {
-                self.server_connect(&target.peer, client, labels.clone(), deadline)
+                // Always waits: a refused TCP connection is offered to the next candidate.
+                self.server_connect(&target.peer, client, labels.clone(), deadline, false)
                     .await?;
                 Ok(labels)
             }
@@ -446,18 +445,27 @@ impl Handle {
         }
     }
 
+    /// Hands `client` to a server with `Server.Connect`. With `backlog`, only queues the
+    /// call and does not wait for the reply: if the server then fails, the client sees
+    /// end of stream on its end.
     async fn server_connect(
         &self,
         server: &Peer,
         client: OwnedFd,
         labels: Labels,
         deadline: Instant,
+        backlog: bool,
     ) -> Result<(), Status> {
         let mut fds = OutFds::new();
         let request = server::ConnectRequest {
             client: fds.push(client),
             connection_labels: labels,
         };
+        if backlog {
+            return self
+                .queue_registrant(server, &request, fds.into_vec(), deadline)
+                .await;
+        }
         self.call_registrant::<server::rpc::Connect>(
             server,
             &request,
@@ -474,23 +482,18 @@ impl Handle {
         Instant::now() + self.shared.config.connect_deadline
     }
 
-    /// Queues `Server.Connect` on a backlog server's channel and does not wait for the
-    /// reply: if the server fails, the client sees end of stream on its end.
-    async fn server_queue(
+    /// Queues `Server.Connect` on a server's channel, bounded like a call, without
+    /// waiting for its reply (which is discarded when it comes).
+    async fn queue_registrant(
         &self,
         server: &Peer,
-        client: OwnedFd,
-        labels: Labels,
+        request: &server::ConnectRequest,
+        fds: Vec<OwnedFd>,
         deadline: Instant,
     ) -> Result<(), Status> {
-        let mut fds = OutFds::new();
-        let request = server::ConnectRequest {
-            client: fds.push(client),
-            connection_labels: labels,
-        };
         let config = &self.shared.config;
         let until = deadline.min(Instant::now() + config.call_timeout);
-        let queued = server.send_only::<server::rpc::Connect>(&request, fds.into_vec());
+        let queued = server.send_only::<server::rpc::Connect>(request, fds);
         match tokio::time::timeout_at(until, queued).await {
             Err(_) => Err(Status::deadline_exceeded(format!(
                 "Target did not take the connection within {:?}",
