@@ -12,15 +12,6 @@ use flower_proto::switchboard::{self as sb, Right};
 use flower_proto::{Code, Labels, Status, inherited};
 use nix::fcntl::{FcntlArg, FdFlag, fcntl};
 
-const ALL_RIGHTS: [Right; 6] = [
-    Right::ClientConnect,
-    Right::EgressStart,
-    Right::IngressConnect,
-    Right::ResolverStart,
-    Right::ServerStart,
-    Right::List,
-];
-
 /// Constrains the handle at `path` (or the inherited one) and executes `command`
 /// with it. Returns only on failure.
 pub async fn run(
@@ -67,11 +58,11 @@ async fn keep_rights(
     in_labels: &Labels,
     out_labels: &Labels,
 ) -> Result<OwnedFd> {
-    match constrain(switchboard, &ALL_RIGHTS, in_labels, out_labels).await {
+    match constrain(switchboard, &Right::ALL, in_labels, out_labels).await {
         Ok(fd) => Ok(fd),
         Err(status) if status.code == Code::PermissionDenied => {
             let missing = missing_rights(&status.message).ok_or_else(|| anyhow!("{status}"))?;
-            let held: Vec<Right> = ALL_RIGHTS
+            let held: Vec<Right> = Right::ALL
                 .into_iter()
                 .filter(|r| !missing.contains(r))
                 .collect();

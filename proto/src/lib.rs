@@ -35,3 +35,15 @@ pub use status::{Code, Status};
 
 /// A label set: UTF-8 keys (non-empty) to UTF-8 values, kept sorted.
 pub type Labels = std::collections::BTreeMap<String, String>;
+
+impl switchboard::Right {
+    /// Every right, in enum order.
+    pub const ALL: [switchboard::Right; 6] = [
+        switchboard::Right::ClientConnect,
+        switchboard::Right::EgressStart,
+        switchboard::Right::IngressConnect,
+        switchboard::Right::ResolverStart,
+        switchboard::Right::ServerStart,
+        switchboard::Right::List,
+    ];
+}

@@ -5,16 +5,6 @@ use flower_proto::switchboard::Right;
 
 use crate::labels::key_list;
 
-/// Every right, in enum order.
-const ALL_RIGHTS: [Right; 6] = [
-    Right::ClientConnect,
-    Right::EgressStart,
-    Right::IngressConnect,
-    Right::ResolverStart,
-    Right::ServerStart,
-    Right::List,
-];
-
 /// A set of rights, as a bit set indexed by the enum value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Rights(u8);
@@ -44,7 +34,7 @@ impl Rights {
 
     /// Fails with the DESIGN §2 error unless every right in `wanted` is held.
     pub fn require(self, wanted: Rights) -> Result<(), Status> {
-        let missing: Vec<&str> = ALL_RIGHTS
+        let missing: Vec<&str> = Right::ALL
             .iter()
             .filter(|r| wanted.contains(**r) && !self.contains(**r))
             .map(|r| r.as_str_name())
@@ -64,7 +54,7 @@ impl Rights {
     }
 
     pub fn to_vec(self) -> Vec<Right> {
-        ALL_RIGHTS
+        Right::ALL
             .into_iter()
             .filter(|r| self.contains(*r))
             .collect()
