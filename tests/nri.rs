@@ -522,6 +522,7 @@ async fn a_switchboard_that_is_down_gets_a_timely_answer_and_a_clear_log_line() 
                 .map(|r| r.adjust),
         };
         let took = started.elapsed();
+        eprintln!("{step} with the switchboard down: answered in {took:?}");
         assert_eq!(reply, Ok(None), "{step}: fails open, no adjustment");
         assert!(took < runtime::REQUEST_TIMEOUT, "{step} took {took:?}");
     }
@@ -611,6 +612,10 @@ async fn a_runtime_written_in_python_drives_the_plugin() {
             .unwrap_or_else(|_| panic!("no reply to {what}"));
         let value: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(value["code"], 0, "{what}: {value}");
+        eprintln!(
+            "{what}: answered in {:.1} ms",
+            value["seconds"].as_f64().unwrap() * 1e3
+        );
         assert!(
             value["seconds"].as_f64().unwrap() < 2.0,
             "{what} answered within the timeout: {value}"
@@ -652,4 +657,33 @@ async fn a_runtime_written_in_python_drives_the_plugin() {
     drop(send); // closes the peer's stdin: it closes the connection and exits
     let status = wait_child(&mut peer);
     assert!(status.success());
+}
+
+/// A pod API that accepts and never answers costs each request the plugin's budget
+/// (half the runtime's 2 s timeout), never the whole timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_api_that_hangs_costs_at_most_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let pods_socket = dir.path().join("pods.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&pods_socket).unwrap();
+    std::thread::spawn(move || {
+        let held: Vec<_> = listener.incoming().map_while(Result::ok).collect();
+        drop(held);
+    });
+    let socket = dir.path().join("nri.sock");
+    let runtime = Runtime::bind(&socket).unwrap();
+    let nri = Nri::start(&socket, &pods_socket, &[]);
+    let plugin = accept(&runtime).await;
+    plugin.synchronize(vec![], vec![]).await.unwrap();
+    let started = Instant::now();
+    plugin.run_pod_sandbox(&pod("ffff", "stuck")).await.unwrap();
+    let took = started.elapsed();
+    eprintln!("RunPodSandbox with a hanging pod API: answered in {took:?}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(1500),
+        "{took:?}"
+    );
+    let lines = nri.lines_with("pod shop/stuck not registered");
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("failed (timed out)"), "{}", lines[0]);
 }
