@@ -186,3 +186,55 @@ fn usage_errors_exit_2() {
     let out = flower(&["run", "/nonexistent", "--", "true"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
 }
+
+/// The blocking client takes the inherited handle too. This test re-runs itself
+/// under `flower run` as the child.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_client_uses_the_inherited_handle() {
+    if std::env::var_os("FLOWER_TEST_BLOCKING_CHILD").is_some() {
+        // The path is ignored: FLOWER_SWITCHBOARD_FD wins.
+        let mut sb =
+            flower_proto::blocking::Switchboard::connect(std::path::Path::new("/nonexistent"))
+                .expect("the inherited handle");
+        let mut server = sb
+            .server_start(&labels(&[("svc", "blocking")]))
+            .expect("register");
+        server.accept().expect("one connection");
+        return;
+    }
+    let daemon = Daemon::start();
+    let root = daemon.connect().await;
+    let mut child = Command::new(FLOWER)
+        .arg("run")
+        .arg(&daemon.path)
+        .args(["--rights", "SERVER_START", "--in", "team=blocking", "--"])
+        .arg(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "blocking_client_uses_the_inherited_handle",
+            "--nocapture",
+        ])
+        .env("FLOWER_TEST_BLOCKING_CHILD", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until_async("the blocking child to register", || {
+        let root = root.clone();
+        async move {
+            !list(&root, &labels(&[("svc", "blocking")]))
+                .await
+                .is_empty()
+        }
+    })
+    .await;
+    let found = list(&root, &labels(&[("svc", "blocking")])).await;
+    assert_eq!(found[0]["team"], "blocking");
+    root.client_connect(&labels(&[("svc", "blocking")]))
+        .await
+        .expect("connect to the child");
+    let status = tokio::task::spawn_blocking(move || common::wait_child(&mut child))
+        .await
+        .unwrap();
+    assert!(status.success());
+}

@@ -9,6 +9,7 @@ mod connect;
 mod dataplane;
 mod floor;
 mod procs;
+mod revoke;
 mod stats;
 mod syscalls;
 
@@ -51,6 +52,8 @@ enum Command {
     Ingress(Opts),
     /// Syscalls per connect of the daemon and the server, switchboard vs floor (strace).
     Syscalls(Opts),
+    /// Revocation: UnregisterPod latency and daemon CPU with N handles in the pod.
+    Revoke(Opts),
 
     // Helper processes, started by the commands above.
     #[command(hide = true)]
@@ -160,6 +163,12 @@ struct Opts {
     /// `ingress`: timed TCP connects (+ 1-byte echo) per measurement.
     #[arg(long, default_value_t = 5_000)]
     ingress_iterations: usize,
+    /// `revoke`: handles held open in the pod (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,100,1000,5000")]
+    pod_handles: Vec<usize>,
+    /// `revoke`: rounds per handle count (the median is reported).
+    #[arg(long, default_value_t = 10)]
+    revoke_rounds: usize,
     /// `syscalls`: connects counted under strace (0 skips it in `all`).
     #[arg(long, default_value_t = 2_000)]
     strace_connects: usize,
@@ -205,6 +214,12 @@ impl Opts {
             clients: self.clients.clone(),
         }
     }
+    fn revoke(&self) -> revoke::RevokeOpts {
+        revoke::RevokeOpts {
+            handles: self.pod_handles.clone(),
+            rounds: self.revoke_rounds,
+        }
+    }
     fn scale(&self) -> connect::ScaleOpts {
         connect::ScaleOpts {
             handles: self.scale,
@@ -241,6 +256,7 @@ fn run(command: Command) -> Result<()> {
             if o.strace_connects > 0 {
                 syscalls::syscalls_bench(&ctx, o.strace_connects)?;
             }
+            revoke::revoke_bench(&ctx, &o.revoke())?;
         }
         Command::Floor(o) => {
             let ctx = procs::Ctx::new(o.flower.clone(), o.daemon_workers)?;
@@ -292,6 +308,11 @@ fn run(command: Command) -> Result<()> {
             let ctx = procs::Ctx::new(o.flower.clone(), o.daemon_workers)?;
             machine();
             dataplane::ingress_bench(&ctx, &o.ingress())?;
+        }
+        Command::Revoke(o) => {
+            let ctx = procs::Ctx::new(o.flower.clone(), o.daemon_workers)?;
+            machine();
+            revoke::revoke_bench(&ctx, &o.revoke())?;
         }
         Command::Syscalls(o) => {
             let ctx = procs::Ctx::new(o.flower.clone(), o.daemon_workers)?;

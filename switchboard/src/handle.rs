@@ -127,7 +127,7 @@ impl Handle {
                 Status::failed_precondition("Another target with no conflicting labels exists")
             })?;
         let shared = self.shared.clone();
-        let counted = self.counted.as_ref().map(HandleCount::target);
+        let counted = self.counted.as_ref().map(|c| c.target(id));
         peer.on_close(move || {
             shared.directory.lock().unwrap().remove(id);
             drop(counted);

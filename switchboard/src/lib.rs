@@ -111,21 +111,28 @@ pub struct Scope {
 }
 
 impl Scope {
-    /// Closes every handle and registration channel in the scope; their targets vanish.
+    /// Closes every handle and registration channel in the scope; their targets vanish
+    /// (a counted scope's own targets are removed from the directory before this
+    /// returns; the channels close as their tasks run).
     pub fn revoke(&self) {
         self.token.cancel();
+        if let Some(counts) = &self.counts {
+            counts.remove_targets();
+        }
     }
 
     pub fn is_revoked(&self) -> bool {
         self.token.is_cancelled()
     }
 
-    /// A counted scope inside this one: revoking this one revokes it too.
-    pub fn counted_child(&self, max_handles: usize) -> Scope {
-        Scope {
+    /// A counted scope inside this one: revoking this one revokes it too. `None` for
+    /// a scope that is not counted itself.
+    pub fn counted_child(&self, max_handles: usize) -> Option<Scope> {
+        let counts = self.counts.as_ref()?;
+        Some(Scope {
             token: self.token.child_token(),
-            counts: Some(scope::ScopeCounts::new(max_handles)),
-        }
+            counts: Some(scope::ScopeCounts::new(counts.shared(), max_handles)),
+        })
     }
 
     /// Open handles in a counted scope (0 for one that is not counted).
@@ -188,7 +195,7 @@ impl Switchboard {
     pub fn counted_scope(&self, max_handles: usize) -> Scope {
         Scope {
             token: self.root.child_token(),
-            counts: Some(scope::ScopeCounts::new(max_handles)),
+            counts: Some(scope::ScopeCounts::new(self.shared.clone(), max_handles)),
         }
     }
 

@@ -376,7 +376,8 @@ impl Pods {
         let scope = pod
             .endpoint
             .scope
-            .counted_child(self.inner.options.max_handles);
+            .counted_child(self.inner.options.max_handles)
+            .expect("a pod's scope is counted");
         let dir_name = format!("{}@{}", pod.spec.uid, spec.name);
         let endpoint =
             self.open_endpoint(&dir_name, scope, pod.spec.rights, in_labels, out_labels)?;

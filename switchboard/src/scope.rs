@@ -3,29 +3,63 @@
 //! Only scopes an embedder asked to count ([`crate::Switchboard::counted_scope`],
 //! e.g. a pod's) pay for this; a handle of a plain scope carries `None`.
 
-use std::sync::Arc;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use flower_proto::Status;
 use tokio::sync::Notify;
 
-#[derive(Debug)]
+use crate::Shared;
+use crate::directory::TargetId;
+
 pub(crate) struct ScopeCounts {
     handles: AtomicUsize,
     targets: AtomicUsize,
     max_handles: usize,
     /// Notified whenever a count drops.
     dropped: Notify,
+    /// The scope's targets, so that revoking removes them from the directory at
+    /// once rather than as each registration channel's task gets to run.
+    target_ids: Mutex<HashSet<TargetId>>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for ScopeCounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScopeCounts")
+            .field("handles", &self.handles)
+            .field("targets", &self.targets)
+            .field("max_handles", &self.max_handles)
+            .finish()
+    }
 }
 
 impl ScopeCounts {
-    pub fn new(max_handles: usize) -> Arc<ScopeCounts> {
+    pub fn new(shared: Arc<Shared>, max_handles: usize) -> Arc<ScopeCounts> {
         Arc::new(ScopeCounts {
             handles: AtomicUsize::new(0),
             targets: AtomicUsize::new(0),
             max_handles,
             dropped: Notify::new(),
+            target_ids: Mutex::default(),
+            shared,
         })
+    }
+
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    /// Removes every target of the scope from the directory now (their channels
+    /// close as the revoked scope's tasks run; removing twice is harmless, and
+    /// target ids are never reused).
+    pub fn remove_targets(&self) {
+        let ids: Vec<TargetId> = self.target_ids.lock().unwrap().drain().collect();
+        let mut directory = self.shared.directory.lock().unwrap();
+        for id in ids {
+            directory.remove(id);
+        }
     }
 
     pub fn handles(&self) -> usize {
@@ -53,9 +87,10 @@ impl ScopeCounts {
     }
 
     /// Counts one more target (bounded elsewhere, per scope, if at all).
-    pub fn target(self: &Arc<Self>) -> TargetCount {
+    pub fn target(self: &Arc<Self>, id: TargetId) -> TargetCount {
         self.targets.fetch_add(1, Ordering::AcqRel);
-        TargetCount(self.clone())
+        self.target_ids.lock().unwrap().insert(id);
+        TargetCount(self.clone(), id)
     }
 
     /// Resolves once both counts are zero.
@@ -86,8 +121,8 @@ impl HandleCount {
         self.0.handle()
     }
 
-    pub fn target(&self) -> TargetCount {
-        self.0.target()
+    pub fn target(&self, id: TargetId) -> TargetCount {
+        self.0.target(id)
     }
 }
 
@@ -99,10 +134,11 @@ impl Drop for HandleCount {
 
 /// One counted target: released when its registration is removed.
 #[derive(Debug)]
-pub(crate) struct TargetCount(Arc<ScopeCounts>);
+pub(crate) struct TargetCount(Arc<ScopeCounts>, TargetId);
 
 impl Drop for TargetCount {
     fn drop(&mut self) {
+        self.0.target_ids.lock().unwrap().remove(&self.1);
         self.0.release(&self.0.targets);
     }
 }
