@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Subcommand;
 use flower_pod_api as api;
 use flower_proto::switchboard::Right;
@@ -137,9 +137,17 @@ pub async fn run(command: PodCommand) -> Result<()> {
         }),
         _ => None,
     };
-    let mut client = flower_pod_api::connect(&socket)
-        .await
-        .with_context(|| format!("cannot connect to the pod API at {}", socket.display()))?;
+    let mut client = flower_pod_api::connect(&socket).await.map_err(|e| {
+        // The innermost cause (the OS error) is the useful part; tonic repeats it.
+        let mut cause: &dyn std::error::Error = &e;
+        while let Some(inner) = cause.source() {
+            cause = inner;
+        }
+        anyhow::anyhow!(
+            "cannot connect to the pod API at {}: {cause}",
+            socket.display()
+        )
+    })?;
     let mut out = std::io::stdout().lock();
     use std::io::Write;
     match command {

@@ -556,4 +556,16 @@ fn flower_pod_cli_prints_json() {
     let out = flower(&["pod", "remove", "cli-1"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(flower(&["pod", "ls"]).stdout.is_empty());
+
+    // No pod API there: one clear line.
+    let out = std::process::Command::new(common::FLOWER)
+        .args(["pod", "ls", "--pods-socket", "/nonexistent/pods.sock"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "flower: cannot connect to the pod API at /nonexistent/pods.sock: \
+         No such file or directory (os error 2)"
+    );
 }

@@ -765,3 +765,110 @@ fn context(e: io::Error, what: &str, path: &Path) -> io::Error {
 fn io_error(e: io::Error) -> PodError {
     PodError::Io(e.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Config;
+
+    fn spec(uid: &str) -> PodSpec {
+        PodSpec {
+            uid: uid.into(),
+            namespace: "ns".into(),
+            name: "web".into(),
+            attempt: 1,
+            labels: [("app".to_owned(), "web".to_owned())].into(),
+            rights: default_pod_rights(),
+        }
+    }
+
+    #[test]
+    fn names_that_could_leave_the_directory_are_refused() {
+        for bad in ["", ".", "..", "a/b", "a@b", "a b", "é", &"x".repeat(129)] {
+            let e = validate_name(bad, "uid").unwrap_err();
+            assert!(e.to_string().starts_with("uid"), "{bad:?}: {e}");
+        }
+        for good in [
+            "a",
+            "...",
+            "6f1c2d3e-0000-4a4a-9b9b-123456789abc",
+            &"x".repeat(128),
+        ] {
+            validate_name(good, "uid").unwrap();
+        }
+    }
+
+    #[test]
+    fn identity_labels_are_exactly_the_design_ones() {
+        let (in_labels, out_labels) = pod_labels(&spec("u"));
+        let keys: Vec<&str> = in_labels.keys().map(String::as_str).collect();
+        assert_eq!(
+            keys,
+            [
+                "app",
+                "server_kubernetes_namespace",
+                "server_kubernetes_pod_attempt",
+                "server_kubernetes_pod_name",
+                "server_kubernetes_pod_uid"
+            ]
+        );
+        assert_eq!(out_labels["client_kubernetes_pod_attempt"], "1");
+        assert_eq!(out_labels.len(), 4);
+    }
+
+    #[test]
+    fn differing_fields_are_named() {
+        let mut other = spec("u");
+        other.attempt = 2;
+        other.labels.clear();
+        assert_eq!(
+            differences(&spec("u"), &other).as_deref(),
+            Some("attempt, labels")
+        );
+        assert_eq!(differences(&spec("u"), &spec("u")), None);
+    }
+
+    /// Registrations written by one registry are restored by the next, at the same
+    /// paths; a registry never writes inside a pod's directory.
+    #[tokio::test]
+    async fn state_round_trips_outside_the_pod_directories() {
+        let dir = std::env::temp_dir().join(format!(
+            "flower-pods-test-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let options = Options {
+            dir: dir.clone(),
+            max_handles: 4,
+        };
+        let first = Pods::open(Switchboard::new(Config::default()), options.clone()).unwrap();
+        let pod = first.register(spec("u1")).unwrap();
+        first
+            .register_container(
+                "u1",
+                ContainerSpec {
+                    name: "c".into(),
+                    attempt: 3,
+                },
+            )
+            .unwrap();
+        let entries: Vec<String> = std::fs::read_dir(dir.join("u1"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(entries, [ENDPOINT_NAME]);
+        drop(first);
+        let second = Pods::open(Switchboard::new(Config::default()), options).unwrap();
+        let listed = second.list();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].spec, spec("u1"));
+        assert_eq!(listed[0].endpoint.endpoint, pod.endpoint.endpoint);
+        assert_eq!(listed[0].containers[0].spec.attempt, 3);
+        second.unregister("u1").unwrap().gone().await;
+        assert!(!dir.join("u1").exists() && !dir.join("u1@c").exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
