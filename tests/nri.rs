@@ -8,6 +8,7 @@
 
 mod common;
 mod pod_harness;
+mod runc_harness;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -119,129 +120,15 @@ fn container(name: &str) -> api::Container {
     }
 }
 
-/// Host files the `flower` binary needs inside a container: itself and, from
-/// `ldd`, its shared libraries.
-fn flower_files() -> Vec<PathBuf> {
-    let out = Command::new("ldd").arg(FLOWER).output().expect("run ldd");
-    let mut files = vec![PathBuf::from(FLOWER)];
-    for line in String::from_utf8(out.stdout).unwrap().lines() {
-        let path = match line.split_once("=>") {
-            Some((_, right)) => right.split_whitespace().next(),
-            None => line.split_whitespace().next(),
-        };
-        if let Some(p) = path.filter(|p| p.starts_with('/')) {
-            files.push(PathBuf::from(p));
-        }
-    }
-    files
-}
-
-/// A `runc` container built the way containerd builds one: a spec from `runc spec`,
-/// with the NRI adjustment applied. Killed and deleted on drop.
-struct Container {
-    id: String,
-    state: PathBuf,
-    child: Child,
-    _bundle: tempfile::TempDir,
-}
-
-impl Container {
-    fn run(id: &str, script: &str, adjust: &api::ContainerAdjustment) -> Container {
-        let bundle = tempfile::tempdir().unwrap();
-        let rootfs = bundle.path().join("rootfs");
-        for dir in ["bin", "usr/bin", "proc", "sys", "dev", "tmp", "run/flower"] {
-            std::fs::create_dir_all(rootfs.join(dir)).unwrap();
-        }
-        std::fs::copy("/bin/busybox", rootfs.join("bin/busybox"))
-            .expect("busybox-static is installed");
-        std::os::unix::fs::symlink("busybox", rootfs.join("bin/sh")).unwrap();
-        let status = Command::new("runc")
-            .arg("spec")
-            .current_dir(bundle.path())
-            .status()
-            .expect("runc is installed");
-        assert!(status.success());
-        let config_path = bundle.path().join("config.json");
-        let mut config: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
-        config["process"]["terminal"] = false.into();
-        config["process"]["args"] = serde_json::json!(["/bin/sh", "-c", script]);
-        // The flower binary and its libraries, read-only at the paths ldd named.
-        let mounts = config["mounts"].as_array_mut().unwrap();
-        for file in flower_files() {
-            let inside = if file == Path::new(FLOWER) {
-                PathBuf::from("/usr/bin/flower")
-            } else {
-                file.clone()
-            };
-            let target = rootfs.join(inside.strip_prefix("/").unwrap());
-            std::fs::create_dir_all(target.parent().unwrap()).unwrap();
-            std::fs::write(&target, b"").unwrap();
-            mounts.push(serde_json::json!({
-                "destination": inside, "type": "bind", "source": file, "options": ["bind", "ro"],
-            }));
-        }
-        apply(&mut config, adjust);
-        std::fs::write(&config_path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
-
-        let state = bundle.path().join("state");
-        let child = Command::new("runc")
-            .arg("--root")
-            .arg(&state)
-            .args(["run", "--bundle"])
-            .arg(bundle.path())
-            .arg(id)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        Container {
-            id: id.into(),
-            state,
-            child,
-            _bundle: bundle,
-        }
-    }
-
-    fn output(&mut self) -> String {
-        let status = wait_child(&mut self.child);
-        let mut out = String::new();
-        self.child
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut out)
-            .unwrap();
-        assert!(
-            status.success(),
-            "container {} failed: {status}; output {out:?}",
-            self.id
-        );
-        out
-    }
-}
-
-impl Drop for Container {
-    fn drop(&mut self) {
-        let runc = |args: &[&str]| {
-            let _ = Command::new("runc")
-                .arg("--root")
-                .arg(&self.state)
-                .args(args)
-                .stderr(Stdio::null())
-                .status();
-        };
-        runc(&["kill", &self.id, "KILL"]);
-        let _ = self.child.wait();
-        runc(&["delete", "--force", &self.id]);
-    }
-}
-
-/// Applies an NRI container adjustment to an OCI config, as the runtime does:
-/// mounts are added, environment variables set (replacing one of the same name).
-/// Anything else in the adjustment fails the test — Flower's plugin asks for
-/// nothing else.
-fn apply(config: &mut serde_json::Value, adjust: &api::ContainerAdjustment) {
+/// A container whose config has the NRI adjustment applied, as the runtime applies
+/// it: mounts are added, environment variables set (replacing one of the same name).
+/// Anything else in the adjustment fails the test — Flower's plugin asks for nothing
+/// else.
+fn container_with(
+    script: &str,
+    adjust: &api::ContainerAdjustment,
+    tag: &str,
+) -> runc_harness::Container {
     let nothing_else = api::ContainerAdjustment {
         mounts: vec![],
         env: vec![],
@@ -252,17 +139,16 @@ fn apply(config: &mut serde_json::Value, adjust: &api::ContainerAdjustment) {
         api::ContainerAdjustment::default(),
         "unexpected adjustment"
     );
-    let mounts = config["mounts"].as_array_mut().unwrap();
+    let mut bundle = runc_harness::Bundle::new(script);
     for m in &adjust.mounts {
-        mounts.push(serde_json::json!({
+        bundle.mount(serde_json::json!({
             "destination": m.destination, "type": m.r#type, "source": m.source, "options": m.options,
         }));
     }
-    let env = config["process"]["env"].as_array_mut().unwrap();
     for kv in &adjust.env {
-        env.retain(|e| !e.as_str().unwrap().starts_with(&format!("{}=", kv.key)));
-        env.push(format!("{}={}", kv.key, kv.value).into());
+        bundle.env(&kv.key, &kv.value);
     }
+    bundle.run(tag)
 }
 
 /// Connects like any host process, with `flower cat`, and returns (stdout, labels).
@@ -295,10 +181,6 @@ fn flower_cat(
         .find_map(|l| serde_json::from_str(l).ok())
         .expect("connection labels on stderr");
     (out, labels)
-}
-
-fn container_id(tag: &str) -> String {
-    format!("flower-nri-{}-{tag}", std::process::id())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -356,7 +238,7 @@ async fn a_pods_container_gets_its_endpoint_and_serves_with_the_pods_identity() 
     // The container serves through its endpoint; the host reaches it by labels and
     // sees the pod's identity, which the container could not have chosen.
     let script = "echo hello from the pod | flower cat -l role=demo; touch /run/flower/x 2>/dev/null || echo read-only";
-    let mut ctr = Container::run(&container_id("serve"), script, &adjust);
+    let mut ctr = container_with(script, &adjust, "nri-serve");
     let root = daemon.connect().await;
     wait_until_async("the container's server", || async {
         list(&root, &labels(&[("role", "demo")])).await.len() == 1
@@ -378,7 +260,9 @@ async fn a_pods_container_gets_its_endpoint_and_serves_with_the_pods_identity() 
             "{key} in {seen:?}"
         );
     }
-    assert_eq!(ctr.output(), "hi from the host\nread-only\n");
+    let (status, out) = ctr.finish().await;
+    assert!(status.success(), "{status}: {out}");
+    assert_eq!(out, "hi from the host\nread-only\n");
 
     plugin.stop_pod_sandbox(&web).await.unwrap();
     plugin.remove_pod_sandbox(&web).await.unwrap();
@@ -399,11 +283,7 @@ async fn a_removed_pods_target_is_gone_at_once() {
         .unwrap()
         .adjust
         .unwrap();
-    let _ctr = Container::run(
-        &container_id("gone"),
-        "flower cat -l role=gone; sleep 60",
-        &adjust,
-    );
+    let _ctr = container_with("flower cat -l role=gone; sleep 60", &adjust, "nri-gone");
     let root = daemon.connect().await;
     let target = labels(&[("role", "gone")]);
     wait_until_async("the container's server", || async {
@@ -522,6 +402,7 @@ async fn a_switchboard_that_is_down_gets_a_timely_answer_and_a_clear_log_line() 
                 .map(|r| r.adjust),
         };
         let took = started.elapsed();
+        eprintln!("{step} with the switchboard down: answered in {took:?}");
         assert_eq!(reply, Ok(None), "{step}: fails open, no adjustment");
         assert!(took < runtime::REQUEST_TIMEOUT, "{step} took {took:?}");
     }
@@ -611,6 +492,10 @@ async fn a_runtime_written_in_python_drives_the_plugin() {
             .unwrap_or_else(|_| panic!("no reply to {what}"));
         let value: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(value["code"], 0, "{what}: {value}");
+        eprintln!(
+            "{what}: answered in {:.1} ms",
+            value["seconds"].as_f64().unwrap() * 1e3
+        );
         assert!(
             value["seconds"].as_f64().unwrap() < 2.0,
             "{what} answered within the timeout: {value}"
@@ -652,4 +537,33 @@ async fn a_runtime_written_in_python_drives_the_plugin() {
     drop(send); // closes the peer's stdin: it closes the connection and exits
     let status = wait_child(&mut peer);
     assert!(status.success());
+}
+
+/// A pod API that accepts and never answers costs each request the plugin's budget
+/// (half the runtime's 2 s timeout), never the whole timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_api_that_hangs_costs_at_most_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let pods_socket = dir.path().join("pods.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&pods_socket).unwrap();
+    std::thread::spawn(move || {
+        let held: Vec<_> = listener.incoming().map_while(Result::ok).collect();
+        drop(held);
+    });
+    let socket = dir.path().join("nri.sock");
+    let runtime = Runtime::bind(&socket).unwrap();
+    let nri = Nri::start(&socket, &pods_socket, &[]);
+    let plugin = accept(&runtime).await;
+    plugin.synchronize(vec![], vec![]).await.unwrap();
+    let started = Instant::now();
+    plugin.run_pod_sandbox(&pod("ffff", "stuck")).await.unwrap();
+    let took = started.elapsed();
+    eprintln!("RunPodSandbox with a hanging pod API: answered in {took:?}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(1500),
+        "{took:?}"
+    );
+    let lines = nri.lines_with("pod shop/stuck not registered");
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("failed (timed out)"), "{}", lines[0]);
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use flower_pod_api::pods_client::PodsClient;
 use flower_pod_api::{ListPodsRequest, Pod, RegisterPodRequest, UnregisterPodRequest};
 use futures::future::BoxFuture;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 /// What the plugin calls. Errors are gRPC statuses; a switchboard that is down is
 /// `UNAVAILABLE`.
@@ -29,19 +29,8 @@ pub struct GrpcPods {
 
 impl GrpcPods {
     pub fn new(path: &Path) -> GrpcPods {
-        let socket = path.to_owned();
-        // The URI is required by tonic and unused: the connector dials the socket.
-        let channel = Endpoint::from_static("http://pods.invalid").connect_with_connector_lazy(
-            tower::service_fn(move |_: Uri| {
-                let socket = socket.clone();
-                async move {
-                    let stream = tokio::net::UnixStream::connect(&socket).await?;
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-                }
-            }),
-        );
         GrpcPods {
-            client: PodsClient::new(channel),
+            client: PodsClient::new(flower_pod_api::lazy_channel(path)),
             path: path.to_owned(),
         }
     }
