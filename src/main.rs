@@ -62,6 +62,10 @@ enum Command {
         /// (a new connection over it is refused with RESOURCE_EXHAUSTED).
         #[arg(long, value_name = "N", default_value_t = 16_384)]
         max_handles_per_uid: usize,
+        /// Calls in flight across all the channels of one uid (or one
+        /// embedder-made handle); past it their channels wait (backpressure).
+        #[arg(long, value_name = "N", default_value_t = 1_024)]
+        max_calls_per_uid: usize,
         /// Handles and registrations one embedder-made handle (one per pod) and
         /// everything derived from it may hold.
         #[arg(long, value_name = "N", default_value_t = 1_024)]
@@ -226,6 +230,7 @@ async fn run(command: Command, activated: Option<std::os::fd::OwnedFd>) -> Resul
             max_calls_in_flight,
             send_timeout,
             max_handles_per_uid,
+            max_calls_per_uid,
             max_handles_per_endpoint,
             reserve_descriptors,
             log_json,
@@ -247,6 +252,7 @@ async fn run(command: Command, activated: Option<std::os::fd::OwnedFd>) -> Resul
                 },
                 max_handles_per_uid,
                 max_handles_per_endpoint,
+                max_calls_per_uid,
                 reserve_descriptors,
             };
             flower_switchboard::daemon::run(flower_switchboard::daemon::Options {

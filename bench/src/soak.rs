@@ -353,10 +353,22 @@ pub fn soak_bench(ctx: &Ctx, o: &SoakOpts) -> Result<()> {
         peak_rss.to_string(),
     ]);
     // Cut-off silent peers and freed replies take up to the send timeout (10 s).
-    let settle = Instant::now() + Duration::from_secs(15);
+    let began = Instant::now();
+    let settle = began + Duration::from_secs(60);
+    let mut said = Instant::now();
     while Instant::now() < settle && fds(pid) > fd0 {
+        if said.elapsed() >= Duration::from_secs(5) {
+            eprintln!(
+                "settling: {} descriptors, {} KiB after {:?}",
+                fds(pid),
+                rss_kib(pid),
+                began.elapsed()
+            );
+            said = Instant::now();
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
+    eprintln!("settled after {:?}", began.elapsed());
     t.row(&[
         "after".into(),
         "attackers gone, settled".into(),

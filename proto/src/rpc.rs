@@ -226,6 +226,8 @@ struct Shared {
     calls: Semaphore,
     limits: Limits,
     charge: Option<Arc<dyn Charge>>,
+    /// Calls in flight shared with other channels (the switchboard: per uid).
+    group_calls: Option<Arc<Semaphore>>,
     on_close: Mutex<OnClose>,
 }
 
@@ -373,7 +375,7 @@ impl Peer {
         limits: Limits,
         charge: Option<Arc<dyn Charge>>,
     ) -> Peer {
-        let shared = start_reader(channel, service, parent, limits, charge);
+        let shared = start_reader(channel, service, parent, limits, charge, None);
         Peer {
             owner: Arc::new(Owner { shared }),
         }
@@ -387,8 +389,9 @@ impl Peer {
         parent: &CancellationToken,
         limits: Limits,
         charge: Option<Arc<dyn Charge>>,
+        group_calls: Option<Arc<Semaphore>>,
     ) {
-        start_reader(channel, Some(service), parent, limits, charge);
+        start_reader(channel, Some(service), parent, limits, charge, group_calls);
     }
 
     /// Answers the first call on `channel` with `status` and closes it; closes it
@@ -567,6 +570,7 @@ fn start_reader(
     parent: &CancellationToken,
     limits: Limits,
     charge: Option<Arc<dyn Charge>>,
+    group_calls: Option<Arc<Semaphore>>,
 ) -> Arc<Shared> {
     let shared = Arc::new(Shared {
         channel,
@@ -576,6 +580,7 @@ fn start_reader(
         calls: Semaphore::new(limits.calls_in_flight.max(1)),
         limits,
         charge,
+        group_calls,
         on_close: Mutex::new(OnClose::Pending(None)),
     });
     tokio::spawn(read_loop(shared.clone(), service, parent.clone()));
@@ -666,6 +671,15 @@ async fn read_frames(
                     () = shared.states.closed_or_draining() => break,
                     () = parent.cancelled() => break,
                 };
+                // And a place among the group's, if the channel is in one.
+                let group = match &shared.group_calls {
+                    None => None,
+                    Some(group) => tokio::select! {
+                        p = group.clone().acquire_owned() => Some(p.expect("semaphore never closed")),
+                        () = shared.states.closed_or_draining() => break,
+                        () = parent.cancelled() => break,
+                    },
+                };
                 let slot = CallSlot(shared.clone());
                 let shared = shared.clone();
                 let service = service.clone();
@@ -719,6 +733,7 @@ async fn read_frames(
                     // inside.
                     let _ = shared.send_reply(reply, fds).await;
                     drop(slot);
+                    drop(group);
                 });
             }
         }

@@ -102,7 +102,8 @@ impl Handle {
         let scope = self.scope.clone();
         let limits = self.shared.config.channel;
         let charge = self.quota.clone();
-        Peer::serve(channel, Arc::new(self), &scope, limits, Some(charge));
+        let calls = self.quota.calls.clone();
+        Peer::serve(channel, Arc::new(self), &scope, limits, Some(charge), calls);
     }
 
     fn register(&self, request: Request, kind: TargetKind) -> Result<Response, Status> {
