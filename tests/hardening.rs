@@ -383,7 +383,7 @@ async fn exhausting_descriptors_hurts_only_the_attacker() {
         // One uid for both: the bystander's new connections share the attacker's
         // quota, and are told so at once instead of waiting.
         let fresh = daemon.connect().await;
-        let err = tokio::time::timeout(PATIENCE, fresh.list(&Labels::new()))
+        let err = tokio::time::timeout(PATIENCE, fresh.client_connect(&labels(&[("app", "web")])))
             .await
             .expect("answered in time")
             .err()
