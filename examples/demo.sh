@@ -20,10 +20,19 @@ command -v curl >/dev/null || { echo "demo: needs curl (apt-get install -y curl)
 
 work=$(mktemp -d)
 cleanup() {
-    # Stop everything this script started, then remove the scratch directory.
+    local status=$?
+    # Stop everything this script started. The scratch directory goes only after a
+    # success: after a failure its logs say why (a busy port, a missing binary).
     kill $(jobs -p) 2>/dev/null || true
     wait 2>/dev/null || true
-    rm -rf "$work"
+    if ((status == 0)); then
+        rm -rf "$work"
+    else
+        echo "demo: failed; the logs are in $work:" >&2
+        for log in "$work"/*.log; do
+            [[ -s $log ]] && { echo "--- $log" >&2; tail -n 20 "$log" >&2; }
+        done
+    fi
 }
 trap cleanup EXIT
 export FLOWER_SWITCHBOARD=$work/switchboard
@@ -46,9 +55,12 @@ wait_for "the web server" grep -q registered "$work/web.log"
 "$FLOWER" ls
 
 step "3. An ingress on 127.0.0.1:${PORT:-0} forwards to app=web net=local"
-"$FLOWER" ingress accept "127.0.0.1:${PORT:-0}" app=web net=local 2>"$work/ingress.log" &
-wait_for "the ingress" grep -q 'ingress listening' "$work/ingress.log"
-address=$(grep -o 'address=[0-9.:]*' "$work/ingress.log" | head -1 | cut -d= -f2)
+# --ready-fd writes the bound address once listening; an ingress that cannot listen
+# closes the FIFO without a line, and `read` fails at once.
+mkfifo "$work/ready"
+"$FLOWER" ingress accept "127.0.0.1:${PORT:-0}" app=web net=local --ready-fd 3 \
+    3>"$work/ready" 2>"$work/ingress.log" &
+read -r address <"$work/ready" || { echo "demo: the ingress did not start" >&2; exit 1; }
 echo "listening on $address"
 
 step "4. curl http://$address/ — the server sees who connected, as labels"
@@ -66,4 +78,4 @@ printf 'GET /by-name HTTP/1.0\r\n\r\n' |
     "$FLOWER" cat server_hostname=localhost server_service="$port" 2>/dev/null |
     tr -d '\r'
 
-step "Done. Logs were in $work (removed on exit)."
+step "Done. Logs were in $work (removed on success)."

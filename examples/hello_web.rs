@@ -7,8 +7,6 @@
 //!
 //! Used by `examples/demo.sh`, the whole-node walkthrough.
 
-use std::path::PathBuf;
-
 use flower_proto::Labels;
 use flower_proto::client::Switchboard;
 use flower_proto::switchboard::Right;
@@ -19,22 +17,9 @@ const MAX_HEAD: usize = 16 * 1024;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let mut args: Vec<String> = std::env::args().skip(1).collect();
-    let path = match args.first() {
-        Some(first) if !first.contains('=') && !first.starts_with('{') => {
-            PathBuf::from(args.remove(0))
-        }
-        _ => PathBuf::from(std::env::var_os("FLOWER_SWITCHBOARD").ok_or_else(|| {
-            anyhow::anyhow!("usage: hello_web [PATH] key=value... (or set FLOWER_SWITCHBOARD)")
-        })?),
-    };
-    let mut labels = Labels::new();
-    for arg in &args {
-        let (k, v) = arg
-            .split_once('=')
-            .ok_or_else(|| anyhow::anyhow!("expected key=value, got {arg:?}"))?;
-        labels.insert(k.into(), v.into());
-    }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    // `[PATH] LABELS...`, as every `flower` command takes them.
+    let (path, labels) = flower_tools::args::path_and_labels(&args)?;
     // Only the right to register, only under these labels: all a web server needs.
     let handle = Switchboard::connect_as(&path, &[Right::ServerStart], &labels).await?;
     let mut server = handle.server_start(&Labels::new()).await?;

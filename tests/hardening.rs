@@ -125,7 +125,14 @@ async fn an_egress_cannot_hand_out_an_o_path_descriptor() {
     assert_eq!(err.code, Code::Internal, "{err}");
     assert!(err.message.contains("Egress replied badly"), "{err}");
     answering.abort();
+    let _ = answering.await;
     drop(hostile);
+    // The egress target goes with its registration; until the switchboard has seen
+    // that, the bystander's labels would still match it.
+    wait_until_async("the egress target to go", || async {
+        list(&root, &Labels::new()).await.is_empty()
+    })
+    .await;
     bystander_works(&root).await;
     daemon.settle_fds(baseline).await;
 }
@@ -558,6 +565,7 @@ async fn a_connect_has_one_overall_deadline() {
         let ch = raw_connect(&daemon.path).await;
         let request = sb::ServerStartRequest {
             in_labels: labels(&[("app", "web"), ("replica", &i.to_string())]),
+            ..Default::default()
         };
         send_raw(
             &ch,
@@ -577,7 +585,7 @@ async fn a_connect_has_one_overall_deadline() {
         while let Some(request) = resolver.next().await {
             request.respond(Ok(flower_proto::resolver::ResolveResponse {
                 targets: (0..5)
-                    .map(|i| flower_proto::resolver::Target {
+                    .map(|i| flower_proto::resolver::Candidate {
                         out_labels: labels(&[("replica", &i.to_string())]),
                         weight: 1,
                     })

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::*;
 use flower_proto::client::{Resolver, Server, Switchboard};
-use flower_proto::resolver::{ResolveResponse, Target};
+use flower_proto::resolver::{Candidate, ResolveResponse};
 use flower_proto::switchboard::Right;
 use flower_proto::{Code, Labels, Status};
 
@@ -37,7 +37,7 @@ fn candidates(list: &[(&[(&str, &str)], u32)], cache_seconds: u32) -> ResolveRes
     ResolveResponse {
         targets: list
             .iter()
-            .map(|(out, weight)| Target {
+            .map(|(out, weight)| Candidate {
                 out_labels: labels(out),
                 weight: *weight,
             })
@@ -345,6 +345,7 @@ async fn an_ingress_socket_is_never_offered_to_a_second_server_after_a_timeout()
     let silent = raw_connect(&daemon.path).await;
     let request = flower_proto::switchboard::ServerStartRequest {
         in_labels: labels(&[("app", "web"), ("pod", "a")]),
+        ..Default::default()
     };
     let start = flower_proto::switchboard::rpc::ServerStart::PATH;
     send_raw(&silent, &call_frame(1, start, request.encode_to_vec()), &[]).await;

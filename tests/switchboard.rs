@@ -470,6 +470,7 @@ async fn ingress_connect_passes_the_socket_to_the_server() {
 async fn raw_server(root: &flower_proto::client::Switchboard, name: &str) -> Channel {
     let request = sb::ServerStartRequest {
         in_labels: labels(&[("app", name)]),
+        ..Default::default()
     };
     let (reply, mut fds) = root
         .peer()

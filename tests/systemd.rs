@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
@@ -11,25 +11,6 @@ use std::process::{Command, Stdio};
 use common::*;
 use flower_proto::Labels;
 use flower_proto::client::Switchboard;
-
-fn seqpacket_socket() -> OwnedFd {
-    nix::sys::socket::socket(
-        nix::sys::socket::AddressFamily::Unix,
-        nix::sys::socket::SockType::SeqPacket,
-        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .unwrap()
-}
-
-fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    wait_child(child)
-}
 
 #[test]
 fn tells_the_service_manager_when_ready_and_stopping() {
@@ -53,7 +34,7 @@ fn tells_the_service_manager_when_ready_and_stopping() {
         std::os::unix::net::UnixStream::connect(&path).is_err(),
         "not a stream socket"
     );
-    let channel = seqpacket_socket();
+    let channel = seqpacket();
     nix::sys::socket::connect(
         channel.as_raw_fd(),
         &nix::sys::socket::UnixAddr::new(&path).unwrap(),
@@ -69,7 +50,7 @@ async fn serves_a_socket_passed_by_the_service_manager() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("activated");
     // The manager binds and listens; the daemon gets the socket as descriptor 3.
-    let listener = seqpacket_socket();
+    let listener = seqpacket();
     nix::sys::socket::bind(
         listener.as_raw_fd(),
         &nix::sys::socket::UnixAddr::new(&path).unwrap(),
@@ -134,4 +115,66 @@ fn a_wrong_listen_fds_is_a_clear_error() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("descriptor 3 is not open"), "{stderr}");
+}
+
+/// The example units in `examples/systemd/` pass `systemd-analyze verify` (the service
+/// alone too: it must work without the socket unit) and the service's sandbox rates
+/// at most 1.0 in `systemd-analyze security` (0 is fully locked down, 10 not at all).
+#[test]
+fn the_example_units_verify_and_are_sandboxed() {
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/systemd");
+    let dir = tempfile::tempdir().unwrap();
+    // verify checks that ExecStart= names an executable: point it at the one built.
+    for unit in ["flower-switchboard.service", "flower-switchboard.socket"] {
+        let text = std::fs::read_to_string(examples.join(unit)).unwrap();
+        assert!(
+            !text.contains("Requires="),
+            "{unit} must not require the other unit"
+        );
+        std::fs::write(
+            dir.path().join(unit),
+            text.replace("/usr/local/bin/flower", FLOWER),
+        )
+        .unwrap();
+    }
+    let service = dir.path().join("flower-switchboard.service");
+    let socket = dir.path().join("flower-switchboard.socket");
+    let analyze = |args: &[&std::ffi::OsStr]| {
+        let out = Command::new("systemd-analyze")
+            .args(args)
+            .output()
+            .expect("systemd-analyze (scripts/test installs systemd)");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (ok, out) = analyze(&["verify".as_ref(), socket.as_os_str(), service.as_os_str()]);
+    assert!(ok, "{out}");
+    // The service alone, as when the socket unit is not installed.
+    let alone = tempfile::tempdir().unwrap();
+    std::fs::copy(&service, alone.path().join("flower-switchboard.service")).unwrap();
+    let (ok, out) = analyze(&[
+        "verify".as_ref(),
+        alone.path().join("flower-switchboard.service").as_os_str(),
+    ]);
+    assert!(ok, "{out}");
+    let (ok, out) = analyze(&[
+        "security".as_ref(),
+        "--offline=yes".as_ref(),
+        "--threshold=10".as_ref(),
+        service.as_os_str(),
+    ]);
+    assert!(ok, "exposure above 1.0:\n{out}");
+    assert!(out.contains("Overall exposure level"), "{out}");
+    // The sysusers.d file creates the user and its group.
+    let sysusers = std::fs::read_to_string(examples.join("flower.sysusers")).unwrap();
+    assert!(
+        sysusers.lines().any(|l| l.starts_with("u flower ")),
+        "{sysusers}"
+    );
 }

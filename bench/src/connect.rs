@@ -20,6 +20,9 @@ use crate::{blocking_peers, floor};
 pub const TARGET: &str = "bench=target";
 /// The same target served by the library's blocking server ([`blocking_peers`]).
 pub const BLOCKING_TARGET: &str = "bench=blocking";
+/// The same, served by the client library registered with `backlog` (the client is
+/// answered once the server's Connect is queued).
+pub const BACKLOG_TARGET: &str = "bench=backlog";
 
 /// What a client process connects to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -32,6 +35,9 @@ pub enum Kind {
     Blocking,
     /// A TCP address: connect, write 1 byte, read the 1-byte echo.
     Tcp,
+    /// A plain Unix stream socket path: `connect()` to it (a server `accept()`s), no
+    /// broker at all. What a user does without Flower.
+    Direct,
 }
 
 impl Kind {
@@ -41,19 +47,15 @@ impl Kind {
             Kind::Switchboard => "switchboard",
             Kind::Blocking => "blocking",
             Kind::Tcp => "tcp",
+            Kind::Direct => "direct",
         }
     }
 }
 
 /// `key=value` words into labels.
+/// `key=value` words, parsed as every `flower` command parses them.
 pub fn parse_labels(words: &[String]) -> Result<Labels> {
-    words
-        .iter()
-        .map(|w| match w.split_once('=') {
-            Some((k, v)) => Ok((k.to_owned(), v.to_owned())),
-            None => bail!("label {w:?} is not key=value"),
-        })
-        .collect()
+    Ok(flower_tools::args::parse_labels(words)?)
 }
 
 // ---------------------------------------------------------------- client process
@@ -81,6 +83,11 @@ pub fn client_main(
             let addr: SocketAddr = target.parse()?;
             timed(iterations, warmup, || tcp_round_trip(addr))
         }
+        Kind::Direct => timed(iterations, warmup, || {
+            // Like the others, measured until the client holds a usable descriptor.
+            drop(std::os::unix::net::UnixStream::connect(target)?);
+            Ok(())
+        }),
         Kind::Switchboard => {
             let labels = parse_labels(labels)?;
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -309,8 +316,10 @@ pub fn start_floor(ctx: &Ctx, pinned: bool) -> Result<(Proc, Proc, String)> {
 /// (a `serve` helper) and [`BLOCKING_TARGET`] by a `blocking-server`.
 pub struct RunningSwitchboard {
     pub daemon: Proc,
-    pub servers: [Proc; 2],
+    pub servers: [Proc; 4],
     pub path: String,
+    /// A plain Unix listener's path, for the direct-connect rows.
+    pub direct: String,
 }
 
 pub fn start_switchboard(ctx: &Ctx, pinned: bool) -> Result<RunningSwitchboard> {
@@ -326,10 +335,27 @@ pub fn start_switchboard(ctx: &Ctx, pinned: bool) -> Result<RunningSwitchboard> 
         &["blocking-server", &p, "--label", BLOCKING_TARGET],
         pinned,
     )?;
+    let (backlog_server, _) = ctx.start_helper(
+        "backlog server",
+        &[
+            "serve",
+            "--switchboard",
+            &p,
+            "--label",
+            BACKLOG_TARGET,
+            "--backlog",
+        ],
+        pinned,
+    )?;
+    let direct = ctx.path("direct");
+    let direct = direct.to_str().context("non-UTF-8 temp path")?.to_owned();
+    let (direct_server, _) =
+        ctx.start_helper("direct server", &["serve", "--unix", &direct], pinned)?;
     Ok(RunningSwitchboard {
         daemon,
-        servers: [server, blocking_server],
+        servers: [server, blocking_server, backlog_server, direct_server],
         path: p,
+        direct,
     })
 }
 
@@ -360,6 +386,7 @@ pub struct Pair<'a> {
     pub opts: &'a Opts,
     pub floor: &'a str,
     pub switchboard: &'a str,
+    pub direct: &'a str,
     pub pinned: bool,
 }
 
@@ -368,6 +395,7 @@ impl Pair<'_> {
         let o = self.opts;
         let per_round = (o.iterations / o.rounds.max(1)).max(1);
         let (mut floor, mut flower, mut blocking) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut backlog, mut direct) = (Vec::new(), Vec::new());
         for _ in 0..o.rounds.max(1) {
             let run = |kind, path, labels: &[&str]| {
                 run_clients(
@@ -385,11 +413,15 @@ impl Pair<'_> {
             floor.push(run(Kind::Floor, self.floor, &[])?);
             flower.push(run(Kind::Switchboard, self.switchboard, &[TARGET])?);
             blocking.push(run(Kind::Blocking, self.switchboard, &[BLOCKING_TARGET])?);
+            backlog.push(run(Kind::Switchboard, self.switchboard, &[BACKLOG_TARGET])?);
+            direct.push(run(Kind::Direct, self.direct, &[])?);
         }
         Ok(Measured {
             floor: Summary::median(&floor),
             library: Summary::median(&flower),
             blocking: Summary::median(&blocking),
+            backlog: Summary::median(&backlog),
+            direct: Summary::median(&direct),
         })
     }
 }
@@ -399,12 +431,21 @@ pub struct Measured {
     pub floor: Summary,
     pub library: Summary,
     pub blocking: Summary,
+    /// Library peers, the server registered with `backlog`.
+    pub backlog: Summary,
+    /// No broker: a plain Unix `connect()` to a listening path.
+    pub direct: Summary,
 }
 
 impl Measured {
-    /// The two table rows, library peers first.
+    /// The table rows, library peers first, the direct path last.
     fn rows(&self, table: &mut Table, mode: &str, clients: usize, targets: &str) {
-        for (peers, s) in [("library", &self.library), ("blocking", &self.blocking)] {
+        for (peers, s) in [
+            ("library", &self.library),
+            ("blocking", &self.blocking),
+            ("library+backlog", &self.backlog),
+            ("direct unix", &self.direct),
+        ] {
             table.row(&row(mode, peers, clients, targets, &self.floor, s));
         }
     }
@@ -498,6 +539,7 @@ pub fn connect_bench(ctx: &Ctx, o: &Opts) -> Result<()> {
             opts: o,
             floor: &floor,
             switchboard,
+            direct: &sb.direct,
             pinned,
         };
         for &c in &o.clients {
@@ -562,6 +604,7 @@ pub fn scale_bench(ctx: &Ctx, o: &Opts, s: &ScaleOpts) -> Result<()> {
         opts: o,
         floor: &floor,
         switchboard,
+        direct: &sb.direct,
         pinned: false,
     };
     let mut table = Table::new(HEADERS);

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
-use flower_proto::client::Switchboard;
+use flower_proto::client::{ServerOptions, Switchboard};
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType};
 
 use crate::connect::{Kind, bounded, parse_labels, run_clients};
@@ -31,8 +31,11 @@ pub enum Behavior {
 
 /// Where a `serve` helper gets its connections.
 pub enum Source<'a> {
-    /// Register with the switchboard at this path under these labels.
-    Switchboard(&'a Path, &'a [String]),
+    /// Register with the switchboard at this path under these labels (with
+    /// `backlog`: answered as soon as a Connect is queued).
+    Switchboard(&'a Path, &'a [String], bool),
+    /// Listen on this Unix stream socket path.
+    Unix(&'a Path),
     /// Listen on this TCP address (port 0: any); prints the bound address.
     Tcp(&'a str),
     /// One connection, already open as this descriptor (a socketpair end).
@@ -55,14 +58,23 @@ pub fn serve_main(source: Source, behavior: Behavior, chunk: usize) -> Result<()
                 dispatch(stream.into(), behavior, chunk);
             }
         }
-        Source::Switchboard(path, labels) => {
+        Source::Unix(path) => {
+            let listener = std::os::unix::net::UnixListener::bind(path)?;
+            println!("ready");
+            loop {
+                let (stream, _) = listener.accept()?;
+                dispatch(stream.into(), behavior, chunk);
+            }
+        }
+        Source::Switchboard(path, labels, backlog) => {
             let labels = parse_labels(labels)?;
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             rt.block_on(async {
                 let sb = bounded(Switchboard::connect(path)).await??;
-                let mut server = bounded(sb.server_start(&labels)).await??;
+                let options = ServerOptions { backlog };
+                let mut server = bounded(sb.server_start_with(&labels, &options)).await??;
                 println!("ready");
                 while let Some(conn) = server.accept().await {
                     dispatch(conn.socket, behavior, chunk);

@@ -9,6 +9,7 @@ mod connect;
 mod dataplane;
 mod floor;
 mod procs;
+mod revoke;
 mod soak;
 mod stats;
 mod syscalls;
@@ -52,6 +53,8 @@ enum Command {
     Ingress(Opts),
     /// Syscalls per connect of the daemon and the server, switchboard vs floor (strace).
     Syscalls(Opts),
+    /// Revocation: UnregisterPod latency and daemon CPU with N handles in the pod.
+    Revoke(Opts),
     /// Many connects, then hostile clients for a while: the daemon's descriptors and
     /// memory must return to their baseline.
     Soak {
@@ -117,6 +120,11 @@ enum Command {
         tcp: Option<String>,
         #[arg(long)]
         fd: Option<i32>,
+        #[arg(long)]
+        unix: Option<PathBuf>,
+        /// With --switchboard: register with `backlog`.
+        #[arg(long)]
+        backlog: bool,
         #[arg(long, value_enum, default_value = "drop")]
         behavior: Behavior,
         #[arg(long, default_value_t = 65536)]
@@ -191,6 +199,12 @@ struct Opts {
     /// `ingress`: timed TCP connects (+ 1-byte echo) per measurement.
     #[arg(long, default_value_t = 5_000)]
     ingress_iterations: usize,
+    /// `revoke`: handles held open in the pod (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,100,1000,5000")]
+    pod_handles: Vec<usize>,
+    /// `revoke`: rounds per handle count (the median is reported).
+    #[arg(long, default_value_t = 10)]
+    revoke_rounds: usize,
     /// `syscalls`: connects counted under strace (0 skips it in `all`).
     #[arg(long, default_value_t = 2_000)]
     strace_connects: usize,
@@ -236,6 +250,12 @@ impl Opts {
             clients: self.clients.clone(),
         }
     }
+    fn revoke(&self) -> revoke::RevokeOpts {
+        revoke::RevokeOpts {
+            handles: self.pod_handles.clone(),
+            rounds: self.revoke_rounds,
+        }
+    }
     fn scale(&self) -> connect::ScaleOpts {
         connect::ScaleOpts {
             handles: self.scale,
@@ -272,6 +292,7 @@ fn run(command: Command) -> Result<()> {
             if o.strace_connects > 0 {
                 syscalls::syscalls_bench(&ctx, o.strace_connects)?;
             }
+            revoke::revoke_bench(&ctx, &o.revoke())?;
         }
         Command::Floor(o) => {
             let ctx = procs::Ctx::new(o.flower.clone(), o.daemon_workers)?;
@@ -324,6 +345,11 @@ fn run(command: Command) -> Result<()> {
             machine();
             dataplane::ingress_bench(&ctx, &o.ingress())?;
         }
+        Command::Revoke(o) => {
+            let ctx = procs::Ctx::new(o.flower.clone(), o.daemon_workers)?;
+            machine();
+            revoke::revoke_bench(&ctx, &o.revoke())?;
+        }
         Command::Syscalls(o) => {
             let ctx = procs::Ctx::new(o.flower.clone(), o.daemon_workers)?;
             machine();
@@ -372,14 +398,17 @@ fn run(command: Command) -> Result<()> {
             label,
             tcp,
             fd,
+            unix,
+            backlog,
             behavior,
             chunk,
         } => {
-            let source = match (&switchboard, &tcp, fd) {
-                (Some(path), None, None) => Source::Switchboard(path, &label),
-                (None, Some(address), None) => Source::Tcp(address),
-                (None, None, Some(fd)) => Source::Fd(fd),
-                _ => anyhow::bail!("serve needs exactly one of --switchboard, --tcp, --fd"),
+            let source = match (&switchboard, &tcp, fd, &unix) {
+                (Some(path), None, None, None) => Source::Switchboard(path, &label, backlog),
+                (None, Some(address), None, None) => Source::Tcp(address),
+                (None, None, Some(fd), None) => Source::Fd(fd),
+                (None, None, None, Some(path)) => Source::Unix(path),
+                _ => anyhow::bail!("serve needs exactly one of --switchboard, --tcp, --fd, --unix"),
             };
             dataplane::serve_main(source, behavior, chunk)?
         }

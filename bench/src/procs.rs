@@ -83,10 +83,16 @@ impl Ctx {
 
     /// Starts `flower switchboard PATH` and waits until it accepts connections.
     pub fn switchboard(&self, pinned: bool) -> Result<(Proc, PathBuf)> {
+        self.switchboard_with(&[], pinned)
+    }
+
+    /// [`Ctx::switchboard`] with `extra` arguments.
+    pub fn switchboard_with(&self, extra: &[&str], pinned: bool) -> Result<(Proc, PathBuf)> {
         let path = self.path("switchboard");
         let mut cmd = Command::new(&self.flower);
         cmd.arg("switchboard")
             .arg(&path)
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null());
         if let Some(n) = self.daemon_workers {

@@ -14,6 +14,8 @@
 //! [`resolve`] is the DNS half: `flower egress resolve` turns host names into the
 //! numeric labels above.
 
+#![forbid(unsafe_code)]
+
 mod policy;
 mod resolve;
 pub use policy::{Cidr, Policy};
@@ -30,6 +32,11 @@ use flower_proto::client::Switchboard;
 use flower_proto::switchboard::Right;
 use flower_proto::transport::blocking;
 use flower_proto::{Labels, Status};
+use flower_tools::labels::{
+    ADDRESS_FAMILY, INET, INET6, SERVER_ADDRESS, SERVER_PATH, SERVER_PORT, UNIX, required,
+};
+use flower_tools::ready::{self, Startup};
+use flower_tools::{backoff, bounded};
 use rustix::fs::{Mode, OFlags, ResolveFlags};
 
 #[derive(Debug, Clone)]
@@ -52,17 +59,20 @@ impl Default for Options {
     }
 }
 
-const BACKOFF_MIN: Duration = Duration::from_millis(50);
-const BACKOFF_MAX: Duration = Duration::from_secs(2);
-
 /// Registers an egress and serves forever, re-registering whenever the switchboard
 /// comes back.
-pub async fn connect(path: &Path, labels: &Labels, options: Options) -> Result<()> {
+pub async fn connect(
+    path: &Path,
+    labels: &Labels,
+    options: Options,
+    startup: Startup,
+) -> Result<()> {
     let dialer = Arc::new(Dialer::new(options)?);
     keep_registered(
         path,
         Right::EgressStart,
         labels,
+        startup,
         |handle| async move { Ok(handle.egress_start(&Labels::new()).await?) },
         |mut egress| {
             let dialer = dialer.clone();
@@ -72,8 +82,11 @@ pub async fn connect(path: &Path, labels: &Labels, options: Options) -> Result<(
                     let dialer = dialer.clone();
                     tokio::spawn(async move {
                         let result = dialer.dial(&request.labels).await;
-                        if let Err(e) = &result {
-                            tracing::info!(labels = ?request.labels, "connect failed: {e}");
+                        match &result {
+                            Ok(_) => tracing::debug!(labels = ?request.labels, "connected"),
+                            Err(e) => {
+                                tracing::info!(labels = ?request.labels, "connect failed: {e}")
+                            }
                         }
                         request.respond(result);
                     });
@@ -135,11 +148,11 @@ impl Dialer {
 
     /// Connects as the labels say.
     pub async fn dial(&self, labels: &Labels) -> Result<OwnedFd, Status> {
-        let family = label(labels, "address_family")?;
+        let family = required(labels, ADDRESS_FAMILY)?;
         match family {
-            "inet" | "inet6" => self.dial_tcp(labels, family).await,
-            "unix" => {
-                self.dial_unix(Path::new(label(labels, "server_path")?))
+            INET | INET6 => self.dial_tcp(labels, family).await,
+            UNIX => {
+                self.dial_unix(Path::new(required(labels, SERVER_PATH)?))
                     .await
             }
             other => Err(Status::invalid_argument(format!(
@@ -150,18 +163,18 @@ impl Dialer {
 
     async fn dial_tcp(&self, labels: &Labels, family: &str) -> Result<OwnedFd, Status> {
         let timeout = self.connect_timeout;
-        let address = label(labels, "server_address")?;
+        let address = required(labels, SERVER_ADDRESS)?;
         let ip: IpAddr = address.parse().map_err(|_| {
             Status::invalid_argument(format!(
                 "Label server_address {address:?} is not a numeric IP address"
             ))
         })?;
-        if ip.is_ipv4() != (family == "inet") {
+        if ip.is_ipv4() != (family == INET) {
             return Err(Status::invalid_argument(format!(
                 "Label server_address {address:?} does not match address_family {family:?}"
             )));
         }
-        let port = label(labels, "server_port")?;
+        let port = required(labels, SERVER_PORT)?;
         let port: u16 = port.parse().map_err(|_| {
             Status::invalid_argument(format!("Label server_port {port:?} is not a port number"))
         })?;
@@ -280,10 +293,12 @@ fn open_beneath(prefixes: &[Prefix], path: &Path) -> Result<OwnedFd, Status> {
 /// makes a registration with `register` and runs `serve` on it until the switchboard
 /// closes it; then does it all again, with backoff, for as long as it takes. At
 /// start-up a missing switchboard or a refused registration is an error instead.
+/// Every attempt is bounded by the start-up wait; readiness is told once.
 pub(crate) async fn keep_registered<R, Reg, Serve>(
     path: &Path,
     right: Right,
     labels: &Labels,
+    startup: Startup,
     register: impl Fn(Switchboard) -> Reg,
     mut serve: impl FnMut(R) -> Serve,
 ) -> Result<()>
@@ -291,33 +306,18 @@ where
     Reg: Future<Output = Result<R>>,
     Serve: Future<Output = ()>,
 {
-    let mut first = true;
-    let mut delay = BACKOFF_MIN;
+    let wait = startup.wait();
+    let mut ready = startup.ready;
+    let attempt = || {
+        bounded(wait, "registering with the switchboard", async {
+            register(Switchboard::connect_as(path, &[right], labels).await?).await
+        })
+    };
+    let mut registration = attempt().await?;
+    ready::notify(&mut ready, &serde_json::to_string(labels)?);
     loop {
-        let registered = match Switchboard::connect_as(path, &[right], labels).await {
-            Ok(handle) => register(handle).await,
-            Err(e) => Err(e.into()),
-        };
-        let registration = match registered {
-            Ok(registration) => registration,
-            Err(e) if first => return Err(e),
-            Err(e) => {
-                tracing::debug!("cannot register yet, retrying in {delay:?}: {e:#}");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(BACKOFF_MAX);
-                continue;
-            }
-        };
-        first = false;
-        delay = BACKOFF_MIN;
         serve(registration).await;
         tracing::warn!(path = %path.display(), "switchboard closed the registration; re-registering");
+        registration = backoff::retry("registering with the switchboard", None, attempt).await?;
     }
-}
-
-fn label<'a>(labels: &'a Labels, key: &str) -> Result<&'a str, Status> {
-    labels
-        .get(key)
-        .map(String::as_str)
-        .ok_or_else(|| Status::invalid_argument(format!("Missing label {key}")))
 }

@@ -27,14 +27,19 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Result;
 use flower_proto::client::ResolveRequest;
-use flower_proto::resolver::{ResolveResponse, Target};
+use flower_proto::resolver::{Candidate, ResolveResponse};
 use flower_proto::switchboard::Right;
 use flower_proto::{Labels, Status};
+use flower_tools::labels::{
+    ADDRESS_FAMILY, INET, INET6, SERVER_ADDRESS, SERVER_HOSTNAME, SERVER_PORT, SERVER_SERVICE,
+    required,
+};
+use flower_tools::ready::Startup;
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{LookupIpStrategy, ResolveHosts};
 
 /// The labels this resolver expands.
-pub const RESOLVE_KEYS: [&str; 2] = ["server_hostname", "server_service"];
+pub const RESOLVE_KEYS: [&str; 2] = [SERVER_HOSTNAME, SERVER_SERVICE];
 /// Cache lifetime of answers taken from the hosts file.
 pub const HOSTS_LIFETIME: Duration = Duration::from_secs(10);
 /// Cache lifetime of numeric "names", which never change.
@@ -59,12 +64,18 @@ impl Default for ResolveOptions {
 }
 
 /// Registers a resolver and serves forever, re-registering after switchboard restarts.
-pub async fn resolve(path: &Path, labels: &Labels, options: ResolveOptions) -> Result<()> {
+pub async fn resolve(
+    path: &Path,
+    labels: &Labels,
+    options: ResolveOptions,
+    startup: Startup,
+) -> Result<()> {
     let names = Arc::new(Names::new(options));
     crate::keep_registered(
         path,
         Right::ResolverStart,
         labels,
+        startup,
         |handle| async move {
             Ok(handle
                 .resolver_start(&RESOLVE_KEYS, &Labels::new(), &Labels::new())
@@ -132,20 +143,20 @@ impl Names {
 
     /// Answers one `Resolve` call.
     pub async fn resolve(&self, labels: &Labels) -> Result<ResolveResponse, Status> {
-        let host = required(labels, "server_hostname")?;
-        let service = required(labels, "server_service")?;
+        let host = required(labels, SERVER_HOSTNAME)?;
+        let service = required(labels, SERVER_SERVICE)?;
         let port = self.port(service).await?;
         let (addresses, lifetime) = self.addresses(host).await?;
         let targets = addresses
             .into_iter()
-            .map(|ip| Target {
+            .map(|ip| Candidate {
                 out_labels: Labels::from([
                     (
-                        "address_family".into(),
-                        if ip.is_ipv4() { "inet" } else { "inet6" }.into(),
+                        ADDRESS_FAMILY.into(),
+                        if ip.is_ipv4() { INET } else { INET6 }.into(),
                     ),
-                    ("server_address".into(), ip.to_string()),
-                    ("server_port".into(), port.to_string()),
+                    (SERVER_ADDRESS.into(), ip.to_string()),
+                    (SERVER_PORT.into(), port.to_string()),
                 ]),
                 weight: 1,
             })
@@ -246,13 +257,6 @@ impl TextFile {
         *self.cache.lock().unwrap() = Some((stamp, text.clone()));
         text
     }
-}
-
-fn required<'a>(labels: &'a Labels, key: &str) -> Result<&'a str, Status> {
-    labels
-        .get(key)
-        .map(String::as_str)
-        .ok_or_else(|| Status::invalid_argument(format!("Missing label {key}")))
 }
 
 /// Addresses for `name` in hosts-file text, in file order (names match without case).

@@ -20,15 +20,13 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::time::Duration;
 
-use prost::Message;
-
-use crate::client::{ConnectError, Connection};
+use crate::client::{ConnectError, Connection, ServerOptions};
 use crate::fds::Fds;
-use crate::frame::Kind;
+use crate::frame::{self, Kind};
 use crate::rpc::{Method, Request};
-use crate::switchboard as sb;
+use crate::switchboard::{self as sb, rpc::BlockingClient};
 use crate::transport::{self, RecvError};
-use crate::{Call, Code, Frame, Labels, Reply, Status, server};
+use crate::{Labels, Status, server};
 
 /// How long a call waits for its reply unless [`Switchboard::set_timeout`] says
 /// otherwise. The switchboard bounds its own calls to registrants, so this only
@@ -39,15 +37,34 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// `&mut self` because each waits for its own reply on the one socket.
 #[derive(Debug)]
 pub struct Switchboard {
+    caller: Caller,
+}
+
+/// One call at a time over a blocking channel: sends the call, then reads until its
+/// reply. The generated `rpc::BlockingClient` of each service calls through it.
+#[derive(Debug)]
+pub struct Caller {
     fd: OwnedFd,
     next_id: u64,
 }
 
 impl Switchboard {
     /// Connects to the switchboard listening at `path` (a handle with all rights).
+    /// When `FLOWER_SWITCHBOARD_FD` is set, uses that inherited handle instead
+    /// ([`crate::inherited`]).
     pub fn connect(path: &Path) -> Result<Switchboard, ConnectError> {
+        if let Some(inherited) = crate::inherited::take() {
+            return inherited
+                .and_then(Switchboard::from_fd)
+                .map_err(|error| ConnectError {
+                    path: crate::inherited::ENV.into(),
+                    error,
+                });
+        }
         match transport::connect_blocking(path, Some(DEFAULT_TIMEOUT)) {
-            Ok(fd) => Ok(Switchboard { fd, next_id: 1 }),
+            Ok(fd) => Ok(Switchboard {
+                caller: Caller { fd, next_id: 1 },
+            }),
             Err(error) => Err(ConnectError {
                 path: path.to_owned(),
                 error,
@@ -60,7 +77,9 @@ impl Switchboard {
     pub fn from_fd(fd: OwnedFd) -> io::Result<Switchboard> {
         transport::check_socket(fd.as_fd(), transport::SocketKind::Channel)?;
         transport::set_nonblocking(fd.as_fd(), false)?;
-        let sb = Switchboard { fd, next_id: 1 };
+        let sb = Switchboard {
+            caller: Caller { fd, next_id: 1 },
+        };
         sb.set_timeout(Some(DEFAULT_TIMEOUT))?;
         Ok(sb)
     }
@@ -68,7 +87,7 @@ impl Switchboard {
     /// Bounds how long each call may wait to send its request and for its reply
     /// (`None`: forever).
     pub fn set_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
-        transport::set_timeouts(self.fd.as_fd(), timeout)
+        transport::set_timeouts(self.caller.fd.as_fd(), timeout)
     }
 
     /// Connects to the one target matching `out_labels`, as
@@ -77,7 +96,7 @@ impl Switchboard {
         let request = sb::ClientConnectRequest {
             out_labels: out_labels.clone(),
         };
-        let (reply, mut fds) = self.call::<sb::rpc::ClientConnect>(&request)?;
+        let (reply, mut fds) = self.rpc().client_connect(&request, Vec::new())?;
         Ok(Connection {
             socket: fds.take_connection(reply.server, "server")?,
             labels: reply.connection_labels,
@@ -88,29 +107,46 @@ impl Switchboard {
     /// [`crate::client::Switchboard::server_start`] does; connections arrive through
     /// [`Server::accept`]. The target disappears when the `Server` is dropped.
     pub fn server_start(&mut self, in_labels: &Labels) -> Result<Server, Status> {
+        self.server_start_with(in_labels, &ServerOptions::default())
+    }
+
+    /// [`Switchboard::server_start`] with options, as
+    /// [`crate::client::Switchboard::server_start_with`].
+    pub fn server_start_with(
+        &mut self,
+        in_labels: &Labels,
+        options: &ServerOptions,
+    ) -> Result<Server, Status> {
         let request = sb::ServerStartRequest {
             in_labels: in_labels.clone(),
+            backlog: options.backlog,
         };
-        let (reply, mut fds) = self.call::<sb::rpc::ServerStart>(&request)?;
+        let (reply, mut fds) = self.rpc().server_start(&request, Vec::new())?;
         let fd = fds.take_channel(reply.server, "server")?;
         transport::set_nonblocking(fd.as_fd(), false)
             .map_err(|e| Status::internal(format!("Cannot use the registration: {e}")))?;
         Ok(Server { fd })
     }
 
-    /// One unary call with no descriptors in the request.
-    fn call<M: Method>(&mut self, request: &M::Request) -> Result<(M::Response, Fds), Status> {
+    /// Typed calls of the switchboard service, for what this API does not wrap.
+    pub fn rpc(&mut self) -> BlockingClient<'_> {
+        BlockingClient(&mut self.caller)
+    }
+}
+
+impl Caller {
+    /// One unary call of `M`; replies to earlier, abandoned calls are skipped.
+    pub fn call<M: Method>(
+        &mut self,
+        request: &M::Request,
+        fds: Vec<OwnedFd>,
+    ) -> Result<(M::Response, Fds), Status> {
         let id = self.next_id;
         self.next_id += 1;
-        let frame = Frame {
-            kind: Some(Kind::Call(Call {
-                id,
-                method: M::PATH.to_owned(),
-                message: request.encode_to_vec(),
-            })),
-        };
-        transport::send_blocking(self.fd.as_fd(), &frame.encode_to_vec(), &[])
+        let borrowed: Vec<_> = fds.iter().map(|fd| fd.as_fd()).collect();
+        transport::send_blocking(self.fd.as_fd(), &frame::call::<M>(id, request), &borrowed)
             .map_err(|e| Status::unavailable(format!("Cannot reach the switchboard: {e}")))?;
+        drop(fds);
         loop {
             let datagram = match transport::recv_blocking(self.fd.as_fd()) {
                 Ok(Ok(Some(datagram))) => datagram,
@@ -126,27 +162,15 @@ impl Switchboard {
                 Ok(Err(e)) => return Err(Status::internal(format!("Bad reply datagram: {e}"))),
                 Err(e) => return Err(Status::unavailable(format!("Cannot read the reply: {e}"))),
             };
-            let reply = match Frame::decode(&datagram.bytes[..]) {
-                // A call on a handle is not ours to answer; its descriptors close here.
-                Ok(Frame {
-                    kind: Some(Kind::Reply(reply)),
-                }) => reply,
-                Ok(_) => continue,
-                Err(e) => return Err(Status::internal(format!("Undecodable reply: {e}"))),
-            };
-            // A late reply to an earlier call that timed out: its descriptors close here.
-            if reply.id != id {
-                continue;
+            match frame::decode(&datagram.bytes) {
+                // A late reply to an earlier call that timed out, or a call on a handle,
+                // which is not ours to answer: its descriptors close here.
+                Ok(Kind::Reply(reply)) if reply.id == id => {
+                    return frame::reply_result::<M>(reply, datagram.fds);
+                }
+                Ok(_) | Err(frame::FrameError::Empty) => continue,
+                Err(e) => return Err(Status::internal(format!("Bad reply: {e}"))),
             }
-            if reply.code != 0 {
-                return Err(Status::new(Code::from_i32(reply.code), reply.error));
-            }
-            let malformed = |e: &dyn std::fmt::Display| {
-                Status::internal(format!("Malformed {} reply: {e}", M::PATH))
-            };
-            let message = M::Response::decode(&reply.message[..]).map_err(|e| malformed(&e))?;
-            let fds = Fds::claim(&message, datagram.fds).map_err(|e| malformed(&e))?;
-            return Ok((message, fds));
         }
     }
 }
@@ -173,12 +197,10 @@ impl Server {
                 Ok(Err(e)) => return Err(Status::internal(format!("Bad call datagram: {e}"))),
                 Err(e) => return Err(Status::unavailable(format!("Cannot read a call: {e}"))),
             };
-            let call = match Frame::decode(&datagram.bytes[..]) {
-                Ok(Frame {
-                    kind: Some(Kind::Call(call)),
-                }) => call,
-                Ok(_) => continue,
-                Err(e) => return Err(Status::internal(format!("Undecodable call: {e}"))),
+            let call = match frame::decode(&datagram.bytes) {
+                Ok(Kind::Call(call)) => call,
+                Ok(_) | Err(frame::FrameError::Empty) => continue,
+                Err(e) => return Err(Status::internal(format!("Bad call: {e}"))),
             };
             let request = Request {
                 method: call.method,
@@ -200,22 +222,12 @@ impl Server {
                     request.method
                 )))
             };
-            let reply = match &connection {
-                Ok(_) => Reply {
-                    id: call.id,
-                    ..Reply::default()
-                },
-                Err(status) => Reply {
-                    id: call.id,
-                    code: status.code as i32,
-                    error: status.message.clone(),
-                    ..Reply::default()
-                },
+            let answer = match &connection {
+                Ok(_) => Ok(Vec::new()),
+                Err(status) => Err(status.clone()),
             };
-            let frame = Frame {
-                kind: Some(Kind::Reply(reply)),
-            };
-            transport::send_blocking(self.fd.as_fd(), &frame.encode_to_vec(), &[])
+            let reply = frame::encode(Kind::Reply(frame::reply(call.id, answer, false)));
+            transport::send_blocking(self.fd.as_fd(), &reply, &[])
                 .map_err(|e| Status::unavailable(format!("Cannot acknowledge: {e}")))?;
             if let Ok(connection) = connection {
                 return Ok(connection);

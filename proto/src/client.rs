@@ -16,12 +16,11 @@ use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use futures::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::fds::OutFds;
-use crate::rpc::{Method, Peer, Replies, Request, Response, Service, StreamSink};
+use crate::fds::{Fds, OutFds};
+use crate::rpc::{Answer, Peer, Replies, Service};
 use crate::switchboard::{self as sb, Right};
 use crate::transport::Channel;
 use crate::{Labels, Status, egress, resolver, server};
@@ -54,6 +53,15 @@ pub struct Switchboard {
     peer: Peer,
 }
 
+/// How a server registers (see [`Switchboard::server_start_with`]).
+#[derive(Debug, Clone, Default)]
+pub struct ServerOptions {
+    /// Like a TCP listen backlog: clients are handed their end as soon as this
+    /// server's Connect is queued, without waiting for it to be taken. A connection
+    /// the server then never takes ends for its client as end of stream.
+    pub backlog: bool,
+}
+
 /// An established connection: the stream socket and the labels of the match.
 #[derive(Debug)]
 pub struct Connection {
@@ -63,7 +71,17 @@ pub struct Connection {
 
 impl Switchboard {
     /// Connects to the switchboard listening at `path` (a handle with all rights).
+    /// When `FLOWER_SWITCHBOARD_FD` is set, uses that inherited handle instead
+    /// ([`crate::inherited`]).
     pub async fn connect(path: &Path) -> Result<Switchboard, ConnectError> {
+        if let Some(inherited) = crate::inherited::take() {
+            return inherited
+                .and_then(Switchboard::from_fd)
+                .map_err(|error| ConnectError {
+                    path: PathBuf::from(crate::inherited::ENV),
+                    error,
+                });
+        }
         let channel = Channel::connect(path).await.map_err(|error| ConnectError {
             path: path.to_owned(),
             error,
@@ -78,8 +96,9 @@ impl Switchboard {
     }
 
     fn from_channel(channel: Channel) -> Switchboard {
+        // Calls read their own replies: no reader task to wake per call.
         Switchboard {
-            peer: Peer::spawn(channel, None, &CancellationToken::new()),
+            peer: Peer::client(channel),
         }
     }
 
@@ -95,10 +114,7 @@ impl Switchboard {
             in_labels: in_labels.clone(),
             out_labels: out_labels.clone(),
         };
-        let (reply, mut fds) = self
-            .peer
-            .call::<sb::rpc::Constrain>(&request, Vec::new())
-            .await?;
+        let (reply, mut fds) = self.rpc().constrain(&request, Vec::new()).await?;
         let fd = fds.take(reply.switchboard, "switchboard")?;
         Switchboard::from_fd(fd)
             .map_err(|e| Status::internal(format!("Constrained handle unusable: {e}")))
@@ -109,10 +125,7 @@ impl Switchboard {
         let request = sb::ClientConnectRequest {
             out_labels: out_labels.clone(),
         };
-        let (reply, mut fds) = self
-            .peer
-            .call::<sb::rpc::ClientConnect>(&request, Vec::new())
-            .await?;
+        let (reply, mut fds) = self.rpc().client_connect(&request, Vec::new()).await?;
         Ok(Connection {
             // Checked even though the switchboard checks it: a constrained handle may
             // come from anyone. Two getsockopt() calls per connect.
@@ -133,28 +146,31 @@ impl Switchboard {
             client: fds.push(client),
             out_labels: out_labels.clone(),
         };
-        let (reply, _) = self
-            .peer
-            .call::<sb::rpc::IngressConnect>(&request, fds.into_vec())
-            .await?;
+        let (reply, _) = self.rpc().ingress_connect(&request, fds.into_vec()).await?;
         Ok(reply.connection_labels)
     }
 
     /// Registers a server under `in_labels`; connections arrive through the returned
     /// [`Server`]. The target disappears when the `Server` is dropped.
     pub async fn server_start(&self, in_labels: &Labels) -> Result<Server, Status> {
+        self.server_start_with(in_labels, &ServerOptions::default())
+            .await
+    }
+
+    /// [`Switchboard::server_start`] with options.
+    pub async fn server_start_with(
+        &self,
+        in_labels: &Labels,
+        options: &ServerOptions,
+    ) -> Result<Server, Status> {
         let request = sb::ServerStartRequest {
             in_labels: in_labels.clone(),
+            backlog: options.backlog,
         };
-        let (reply, mut fds) = self
-            .peer
-            .call::<sb::rpc::ServerStart>(&request, Vec::new())
-            .await?;
+        let (reply, mut fds) = self.rpc().server_start(&request, Vec::new()).await?;
         let (tx, incoming) = mpsc::channel(QUEUE);
-        let peer = registration(
-            fds.take(reply.server, "server")?,
-            Arc::new(ServerService { tx }),
-        )?;
+        let service = Arc::new(server::rpc::Serve(ServerService { tx }));
+        let peer = registration(fds.take(reply.server, "server")?, service)?;
         Ok(Server { incoming, peer })
     }
 
@@ -164,15 +180,8 @@ impl Switchboard {
         let request = sb::EgressStartRequest {
             in_labels: in_labels.clone(),
         };
-        let (reply, mut fds) = self
-            .peer
-            .call::<sb::rpc::EgressStart>(&request, Vec::new())
-            .await?;
-        pending_registration::<egress::rpc::Connect, _>(
-            fds.take(reply.egress, "egress")?,
-            |m| m.connection_labels,
-            encode_egress,
-        )
+        let (reply, mut fds) = self.rpc().egress_start(&request, Vec::new()).await?;
+        pending_registration(fds.take(reply.egress, "egress")?, egress::rpc::Serve)
     }
 
     /// Registers a resolver for connects that carry every key in `resolve_keys` and
@@ -189,15 +198,8 @@ impl Switchboard {
             in_labels: in_labels.clone(),
             out_labels: out_labels.clone(),
         };
-        let (reply, mut fds) = self
-            .peer
-            .call::<sb::rpc::ResolverStart>(&request, Vec::new())
-            .await?;
-        pending_registration::<resolver::rpc::Resolve, _>(
-            fds.take(reply.resolver, "resolver")?,
-            |m| m.resolve_labels,
-            encode_resolve,
-        )
+        let (reply, mut fds) = self.rpc().resolver_start(&request, Vec::new()).await?;
+        pending_registration(fds.take(reply.resolver, "resolver")?, resolver::rpc::Serve)
     }
 
     /// Streams the label sets of all targets matching `out_labels`. A refused call
@@ -206,7 +208,7 @@ impl Switchboard {
         let request = sb::ListRequest {
             out_labels: out_labels.clone(),
         };
-        let mut replies = self.peer.call_streaming::<sb::rpc::List>(&request).await?;
+        let mut replies = self.rpc().list(&request).await?;
         let first = replies
             .next()
             .await
@@ -231,9 +233,14 @@ impl Switchboard {
         Ok(root.constrain(rights, labels, labels).await?)
     }
 
-    /// The underlying RPC peer, for calls this API does not wrap.
+    /// The underlying RPC peer.
     pub fn peer(&self) -> &Peer {
         &self.peer
+    }
+
+    /// Typed calls of the switchboard service, for what this API does not wrap.
+    pub fn rpc(&self) -> sb::rpc::Client<'_> {
+        sb::rpc::Client(&self.peer)
     }
 }
 
@@ -247,15 +254,14 @@ fn registration(fd: OwnedFd, service: Arc<dyn Service>) -> Result<Peer, Status> 
     ))
 }
 
-/// Serves `M` on a registration channel, queueing calls for the application.
-fn pending_registration<M: Method + 'static, A: Send + 'static>(
+/// Serves a registration channel whose calls wait for the application's answer:
+/// `serve` wraps the queue in the generated service adapter.
+fn pending_registration<A: Send + 'static, S: Service>(
     fd: OwnedFd,
-    labels: fn(M::Request) -> Labels,
-    encode: fn(A) -> Response,
+    serve: fn(Queue<A>) -> S,
 ) -> Result<Registration<A>, Status> {
     let (tx, requests) = mpsc::channel(QUEUE);
-    let service = PendingService::<M, A> { tx, labels, encode };
-    let peer = registration(fd, Arc::new(service))?;
+    let peer = registration(fd, Arc::new(serve(Queue { tx })))?;
     Ok(Registration { requests, peer })
 }
 
@@ -299,28 +305,24 @@ struct ServerService {
     tx: mpsc::Sender<Connection>,
 }
 
-impl Service for ServerService {
-    fn call(
-        self: Arc<Self>,
-        request: Request,
-        _: StreamSink,
-    ) -> BoxFuture<'static, Result<Response, Status>> {
-        Box::pin(async move {
-            expect_method::<server::rpc::Connect>(&request)?;
-            let (message, mut fds) = request.decode::<server::rpc::Connect>()?;
-            // Checked even though the switchboard checks it: the registration may
-            // come from anyone. Two getsockopt() calls per connection.
-            let socket = fds.take_connection(message.client, "client")?;
-            let connection = Connection {
-                socket,
-                labels: message.connection_labels,
-            };
-            self.tx
-                .send(connection)
-                .await
-                .map_err(|_| Status::unavailable("Server is no longer accepting"))?;
-            Ok(Response::new(&server::ConnectResponse {}, Vec::new()))
-        })
+impl server::rpc::Server for ServerService {
+    async fn connect(
+        &self,
+        message: server::ConnectRequest,
+        mut fds: Fds,
+    ) -> Answer<server::ConnectResponse> {
+        // Checked even though the switchboard checks it: the registration may
+        // come from anyone. Two getsockopt() calls per connection.
+        let socket = fds.take_connection(message.client, "client")?;
+        let connection = Connection {
+            socket,
+            labels: message.connection_labels,
+        };
+        self.tx
+            .send(connection)
+            .await
+            .map_err(|_| Status::unavailable("Server is no longer accepting"))?;
+        Ok((server::ConnectResponse {}, OutFds::new()))
     }
 }
 
@@ -368,58 +370,42 @@ impl<A> Pending<A> {
     }
 }
 
-/// Serves method `M` by queueing each call for the application and encoding its answer.
-struct PendingService<M: Method, A> {
+/// Queues each call of a registration for the application and waits for its answer.
+struct Queue<A> {
     tx: mpsc::Sender<Pending<A>>,
-    labels: fn(M::Request) -> Labels,
-    encode: fn(A) -> Response,
 }
 
-impl<M: Method + 'static, A: Send + 'static> Service for PendingService<M, A> {
-    fn call(
-        self: Arc<Self>,
-        request: Request,
-        _: StreamSink,
-    ) -> BoxFuture<'static, Result<Response, Status>> {
-        Box::pin(async move {
-            expect_method::<M>(&request)?;
-            let (message, _) = request.decode::<M>()?;
-            let (reply, rx) = oneshot::channel();
-            let pending = Pending {
-                labels: (self.labels)(message),
-                reply,
-            };
-            self.tx
-                .send(pending)
-                .await
-                .map_err(|_| Status::unavailable("Registrant is no longer accepting"))?;
-            let answer = rx
-                .await
-                .map_err(|_| Status::unavailable("Registrant dropped the request"))??;
-            Ok((self.encode)(answer))
-        })
+impl<A> Queue<A> {
+    async fn ask(&self, labels: Labels) -> Result<A, Status> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Pending { labels, reply })
+            .await
+            .map_err(|_| Status::unavailable("Registrant is no longer accepting"))?;
+        rx.await
+            .map_err(|_| Status::unavailable("Registrant dropped the request"))?
     }
 }
 
-fn encode_egress(socket: OwnedFd) -> Response {
-    let mut fds = OutFds::new();
-    let response = egress::ConnectResponse {
-        server: fds.push(socket),
-    };
-    Response::new(&response, fds.into_vec())
+impl egress::rpc::Egress for Queue<OwnedFd> {
+    async fn connect(
+        &self,
+        message: egress::ConnectRequest,
+        _: Fds,
+    ) -> Answer<egress::ConnectResponse> {
+        let socket = self.ask(message.connection_labels).await?;
+        let mut fds = OutFds::new();
+        let server = fds.push(socket);
+        Ok((egress::ConnectResponse { server }, fds))
+    }
 }
 
-fn encode_resolve(response: resolver::ResolveResponse) -> Response {
-    Response::new(&response, Vec::new())
-}
-
-fn expect_method<M: Method>(request: &Request) -> Result<(), Status> {
-    if request.method == M::PATH {
-        Ok(())
-    } else {
-        Err(Status::unimplemented(format!(
-            "Unknown method {}",
-            request.method
-        )))
+impl resolver::rpc::Resolver for Queue<resolver::ResolveResponse> {
+    async fn resolve(
+        &self,
+        message: resolver::ResolveRequest,
+        _: Fds,
+    ) -> Answer<resolver::ResolveResponse> {
+        Ok((self.ask(message.resolve_labels).await?, OutFds::new()))
     }
 }

@@ -1,18 +1,27 @@
 //! Calls and replies over a [`Channel`] (DESIGN §5).
 //!
-//! A [`Peer`] owns one channel and one reader task. The reader routes replies to the
-//! calls waiting for them (so callers may pipeline and replies may come in any order)
-//! and hands incoming calls to a [`Service`], each in its own task, at most
-//! [`Limits::calls_in_flight`] at once: past that the reader stops reading and the
-//! kernel's socket buffer pushes back on the sender. A call holds its place until its
-//! reply is sent, so the replies (and descriptors) waiting to go out are bounded by
-//! the same number; a peer that lets them wait longer than [`Limits::send_timeout`]
-//! (it stopped reading) is cut off.
+//! A [`Peer`] owns one channel. Replies are routed to the calls waiting for them (so
+//! callers may pipeline and replies may come in any order), by one of two readers:
 //!
-//! A reply that cannot be sent (it is too large, or the kernel refuses its
-//! descriptors, e.g. `ETOOMANYREFS`) is replaced by an error reply without
-//! descriptors; if even that fails the channel is closed. A caller never waits for
-//! a reply that was silently dropped.
+//! * a **reader task** ([`Peer::spawn`], [`Peer::serve`]), for channels that answer
+//!   calls or must notice at once when the other side hangs up (the switchboard's
+//!   registration channels). It hands incoming calls to a [`Service`], at most
+//!   [`Limits::calls_in_flight`] at once: past that it stops reading and the kernel's
+//!   socket buffer pushes back on the sender. A call whose service answers on its
+//!   first poll is answered inline; only one that must wait gets a task of its own.
+//! * the **callers themselves** ([`Peer::client`]), for a client's handle: a caller
+//!   that has sent its call takes the channel's read lock and reads until its reply
+//!   arrives, handing any other caller's reply on. A lone caller is woken by the
+//!   reactor directly, with no second task and no cross-thread hand-off; a hang-up is
+//!   noticed on the next call or [`Peer::is_closed`].
+//!
+//! A call holds its place until its reply is sent, so the replies (and descriptors)
+//! waiting to go out are bounded by the same number; a peer that lets them wait
+//! longer than [`Limits::send_timeout`] (it stopped reading) is cut off. A reply that
+//! cannot be sent (it is too large, or the kernel refuses its descriptors, e.g.
+//! `ETOOMANYREFS`) is replaced by an error reply without descriptors; if even that
+//! fails the channel is closed. A caller never waits for a reply that was silently
+//! dropped.
 //!
 //! Framing violations (undecodable frame, oversize datagram, too many descriptors,
 //! truncated control data) close the channel: there is no call id to answer. Errors
@@ -29,10 +38,10 @@ use prost::Message;
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::fds::{FdFields, Fds};
-use crate::frame::Kind;
-use crate::transport::{Channel, MAX_DATAGRAM, RecvError};
-use crate::{Call, Code, Frame, Reply, Status};
+use crate::fds::{FdFields, Fds, OutFds};
+use crate::frame::{self, Kind};
+use crate::transport::{Channel, MAX_DATAGRAM, Received, RecvError};
+use crate::{Code, Reply, Status};
 
 /// Incoming calls served concurrently on one channel, by default.
 pub const MAX_CALLS_IN_FLIGHT: usize = 64;
@@ -124,7 +133,12 @@ impl Response {
     }
 }
 
-/// The answering side of a channel.
+/// What a typed method of a generated service trait returns: the reply message and
+/// the descriptors its `Fd` fields name.
+pub type Answer<T> = Result<(T, OutFds), Status>;
+
+/// The answering side of a channel. Implemented by the generated `rpc::Serve<S>` of
+/// each service, which decodes requests for a typed service trait.
 pub trait Service: Send + Sync + 'static {
     /// Serves one call. Streaming methods send their items through `stream` before
     /// returning the final (empty) response.
@@ -141,15 +155,29 @@ pub struct StreamSink {
     id: u64,
 }
 
+/// The intermediate replies of a streaming method, typed by the generated trait.
+pub struct Stream<T> {
+    sink: StreamSink,
+    _item: std::marker::PhantomData<fn(T)>,
+}
+
+impl<T: Message> Stream<T> {
+    pub fn new(sink: StreamSink) -> Stream<T> {
+        Stream {
+            sink,
+            _item: std::marker::PhantomData,
+        }
+    }
+
+    /// Sends one item (`more = true`); waits while the channel is full.
+    pub async fn send(&self, item: &T) -> Result<(), Status> {
+        self.sink.send(item).await
+    }
+}
+
 impl StreamSink {
     pub async fn send<T: Message>(&self, message: &T) -> Result<(), Status> {
-        let reply = Reply {
-            id: self.id,
-            message: message.encode_to_vec(),
-            code: 0,
-            error: String::new(),
-            more: true,
-        };
+        let reply = frame::reply(self.id, Ok(message.encode_to_vec()), true);
         self.shared.send_reply(reply, Vec::new()).await
     }
 }
@@ -229,11 +257,13 @@ struct Shared {
     /// Calls in flight shared with other channels (the switchboard: per uid).
     group_calls: Option<Arc<Semaphore>>,
     on_close: Mutex<OnClose>,
+    /// Callers read the channel themselves (no reader task), holding `read_lock`.
+    direct: bool,
+    read_lock: tokio::sync::Mutex<()>,
 }
 
 impl Shared {
-    async fn send_frame(&self, frame: &Frame, fds: &[OwnedFd]) -> Result<(), Status> {
-        let bytes = frame.encode_to_vec();
+    async fn send_frame(&self, bytes: Vec<u8>, fds: &[OwnedFd]) -> Result<(), Status> {
         if bytes.len() > MAX_DATAGRAM {
             return Err(Status::resource_exhausted(format!(
                 "Message of {} bytes exceeds the {MAX_DATAGRAM}-byte datagram limit",
@@ -286,12 +316,7 @@ impl Shared {
     async fn send_reply(&self, reply: Reply, fds: Vec<OwnedFd>) -> Result<(), Status> {
         let (id, more) = (reply.id, reply.more);
         let status = match self
-            .send_frame(
-                &Frame {
-                    kind: Some(Kind::Reply(reply)),
-                },
-                &fds,
-            )
+            .send_frame(frame::encode(Kind::Reply(reply)), &fds)
             .await
         {
             Ok(()) => return Ok(()),
@@ -303,17 +328,9 @@ impl Shared {
         };
         drop(fds);
         tracing::warn!(id, "reply not sent, sending an error instead: {status}");
-        let error = Reply {
-            id,
-            message: Vec::new(),
-            code: status.code as i32,
-            error: format!("Reply could not be sent: {status}"),
-            more: false,
-        };
-        let frame = Frame {
-            kind: Some(Kind::Reply(error)),
-        };
-        if let Err(again) = self.send_frame(&frame, &[]).await {
+        let error = Status::new(status.code, format!("Reply could not be sent: {status}"));
+        let error = frame::encode(Kind::Reply(frame::reply(id, Err(error), false)));
+        if let Err(again) = self.send_frame(error, &[]).await {
             if !self.states.is_closed() {
                 tracing::warn!(id, "closing channel: error reply not sent either: {again}");
                 self.close();
@@ -328,6 +345,59 @@ impl Shared {
         self.channel.shutdown();
         // Waiting callers see their reply sender dropped: UNAVAILABLE.
         self.pending.lock().unwrap().clear();
+    }
+
+    /// Hands a reply to the call waiting for it. A send error means the caller gave
+    /// up; the descriptors close here.
+    fn route(&self, reply: Reply, fds: Vec<OwnedFd>) {
+        let mut pending = self.pending.lock().unwrap();
+        let tx = if reply.more {
+            pending.get(&reply.id).cloned()
+        } else {
+            pending.remove(&reply.id)
+        };
+        drop(pending);
+        match tx {
+            Some(tx) => drop(tx.send((reply, fds))),
+            None => tracing::debug!(id = reply.id, "reply to no outstanding call, dropped"),
+        }
+    }
+
+    /// What a caller-read channel does with one received datagram: replies are routed,
+    /// calls refused (nothing is served on a client's handle). `false`: the channel is
+    /// finished (closed, reset or broken) and has been closed.
+    fn take_direct(self: &Arc<Self>, received: Received) -> bool {
+        let datagram = match received {
+            Ok(Some(d)) => d,
+            Ok(None) => return self.finish(None),
+            Err(e) => return self.finish(Some(e.to_string())),
+        };
+        match frame::decode(&datagram.bytes) {
+            Ok(Kind::Reply(reply)) => self.route(reply, datagram.fds),
+            Ok(Kind::Call(call)) => {
+                drop(datagram.fds);
+                let shared = self.clone();
+                let refusal = Status::unimplemented(format!(
+                    "Method {} is not served on this channel",
+                    call.method
+                ));
+                tokio::spawn(async move {
+                    let _ = shared
+                        .send_reply(frame::reply(call.id, Err(refusal), false), Vec::new())
+                        .await;
+                });
+            }
+            Err(e) => return self.finish(Some(e.to_string())),
+        }
+        true
+    }
+
+    fn finish(&self, why: Option<String>) -> bool {
+        if let Some(why) = why {
+            tracing::debug!("closing channel: {why}");
+        }
+        self.close();
+        false
     }
 }
 
@@ -381,8 +451,21 @@ impl Peer {
         }
     }
 
+    /// A calling side with no reader task: each caller reads the channel itself until
+    /// its reply arrives (see the module documentation). Nothing is served on it, and
+    /// a hang-up is noticed by the next call, [`Peer::closed`] or [`Peer::is_closed`].
+    pub fn client(channel: Channel) -> Peer {
+        Peer {
+            owner: Arc::new(Owner {
+                shared: new_shared(channel, true, Limits::default(), None, None),
+            }),
+        }
+    }
+
     /// Serves `service` on `channel` with no calling side and no owner: the channel
-    /// lives until the other end closes it or `parent` is cancelled.
+    /// lives until the other end closes it or `parent` is cancelled. With
+    /// `group_calls`, each call also holds a permit of that semaphore, shared with
+    /// other channels (one uid's), while it is served.
     pub fn serve(
         channel: Channel,
         service: Arc<dyn Service>,
@@ -406,21 +489,10 @@ impl Peer {
         tokio::spawn(async move {
             let first = tokio::time::timeout(patience, channel.recv()).await;
             if let Ok(Ok(Some(datagram))) = first
-                && let Ok(Frame {
-                    kind: Some(Kind::Call(call)),
-                }) = Frame::decode(&datagram.bytes[..])
+                && let Ok(Kind::Call(call)) = frame::decode(&datagram.bytes)
             {
-                let reply = Frame {
-                    kind: Some(Kind::Reply(Reply {
-                        id: call.id,
-                        message: Vec::new(),
-                        code: status.code as i32,
-                        error: status.message,
-                        more: false,
-                    })),
-                };
-                let _ =
-                    tokio::time::timeout(patience, channel.send(&reply.encode_to_vec(), &[])).await;
+                let reply = frame::encode(Kind::Reply(frame::reply(call.id, Err(status), false)));
+                let _ = tokio::time::timeout(patience, channel.send(&reply, &[])).await;
             }
             channel.shutdown();
             drop(hold);
@@ -434,11 +506,35 @@ impl Peer {
 
     /// Resolves once the channel is closed, by either side.
     pub async fn closed(&self) {
-        self.owner.shared.states.closed().await
+        let shared = &self.owner.shared;
+        if !shared.direct {
+            return shared.states.closed().await;
+        }
+        // Nobody else may be reading: read (routing replies) until the end.
+        while !shared.states.is_closed() {
+            tokio::select! {
+                guard = shared.read_lock.lock() => {
+                    while shared.take_direct(shared.channel.recv().await) {}
+                    drop(guard);
+                }
+                () = shared.states.closed() => {}
+            }
+        }
     }
 
     pub fn is_closed(&self) -> bool {
-        self.owner.shared.states.is_closed()
+        let shared = &self.owner.shared;
+        if shared.direct && !shared.states.is_closed() {
+            // Look without waiting, unless a caller is reading right now.
+            if let Ok(_guard) = shared.read_lock.try_lock() {
+                while let Some(received) = shared.channel.try_recv() {
+                    if !shared.take_direct(received) {
+                        break;
+                    }
+                }
+            }
+        }
+        shared.states.is_closed()
     }
 
     /// Runs `hook` once the channel is closed and its reader has stopped (at once if
@@ -463,6 +559,21 @@ impl Peer {
     ) -> Result<(M::Response, Fds), Status> {
         let mut replies = self.start::<M>(request, fds).await?;
         replies.next().await.unwrap_or_else(|| Err(closed_status()))
+    }
+
+    /// Sends a call without waiting for its reply, which is discarded when it comes.
+    /// For calls whose outcome the caller learns some other way.
+    pub async fn send_only<M: Method>(
+        &self,
+        request: &M::Request,
+        fds: Vec<OwnedFd>,
+    ) -> Result<(), Status> {
+        let shared = &self.owner.shared;
+        if shared.states.is_closed() {
+            return Err(closed_status());
+        }
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        shared.send_frame(frame::call::<M>(id, request), &fds).await
     }
 
     /// A streaming call: the replies arrive through the returned stream.
@@ -492,19 +603,9 @@ impl Peer {
             done: false,
             _method: std::marker::PhantomData,
         };
-        let call = Call {
-            id,
-            method: M::PATH.to_owned(),
-            message: request.encode_to_vec(),
-        };
         // On failure `replies` is dropped, which forgets the pending id.
         shared
-            .send_frame(
-                &Frame {
-                    kind: Some(Kind::Call(call)),
-                },
-                &fds,
-            )
+            .send_frame(frame::call::<M>(id, request), &fds)
             .await?;
         Ok(replies)
     }
@@ -526,35 +627,48 @@ impl<M: Method> Replies<M> {
         if self.done {
             return None;
         }
-        let Some((reply, fds)) = self.rx.recv().await else {
+        let received = match self.shared.direct {
+            false => self.rx.recv().await,
+            true => self.read_direct().await,
+        };
+        let Some((reply, fds)) = received else {
             self.done = true;
             return Some(Err(closed_status()));
         };
-        if !reply.more || !M::STREAMING {
+        if !reply.more || !M::STREAMING || reply.code != Code::Ok as i32 {
             self.done = true;
         }
-        if reply.code != 0 {
-            self.done = true;
-            return Some(Err(Status::new(Code::from_i32(reply.code), reply.error)));
-        }
-        if M::STREAMING && !reply.more {
+        if M::STREAMING && !reply.more && reply.code == Code::Ok as i32 {
             // The final reply of a stream only says "done".
             return None;
         }
-        // A reply that does not decode, or whose descriptors do not match, is the
-        // answering side's fault: INTERNAL, not the caller's INVALID_ARGUMENT.
-        let malformed = |e: &dyn std::fmt::Display| {
-            Status::internal(format!("Malformed {} reply: {e}", M::PATH))
-        };
-        Some(
-            M::Response::decode(&reply.message[..])
-                .map_err(|e| malformed(&e))
-                .and_then(|message| {
-                    Fds::claim(&message, fds)
-                        .map(|fds| (message, fds))
-                        .map_err(|e| malformed(&e))
-                }),
-        )
+        Some(frame::reply_result::<M>(reply, fds))
+    }
+}
+
+impl<M: Method> Replies<M> {
+    /// Waits for the next reply on a caller-read channel: delivered by whoever holds
+    /// the read lock, or read here once this call holds it.
+    async fn read_direct(&mut self) -> Option<(Reply, Vec<OwnedFd>)> {
+        let shared = self.shared.clone();
+        tokio::select! {
+            biased;
+            reply = self.rx.recv() => reply,
+            guard = shared.read_lock.lock() => {
+                loop {
+                    // Routed to us before we held the lock, or by our own read.
+                    match self.rx.try_recv() {
+                        Ok(reply) => return Some(reply),
+                        Err(mpsc::error::TryRecvError::Disconnected) => return None,
+                        Err(mpsc::error::TryRecvError::Empty) => {}
+                    }
+                    if !shared.take_direct(shared.channel.recv().await) {
+                        drop(guard);
+                        return self.rx.try_recv().ok();
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -572,7 +686,19 @@ fn start_reader(
     charge: Option<Arc<dyn Charge>>,
     group_calls: Option<Arc<Semaphore>>,
 ) -> Arc<Shared> {
-    let shared = Arc::new(Shared {
+    let shared = new_shared(channel, false, limits, charge, group_calls);
+    tokio::spawn(read_loop(shared.clone(), service, parent.clone()));
+    shared
+}
+
+fn new_shared(
+    channel: Channel,
+    direct: bool,
+    limits: Limits,
+    charge: Option<Arc<dyn Charge>>,
+    group_calls: Option<Arc<Semaphore>>,
+) -> Arc<Shared> {
+    Arc::new(Shared {
         channel,
         pending: Mutex::new(HashMap::new()),
         next_id: AtomicU64::new(1),
@@ -582,17 +708,21 @@ fn start_reader(
         charge,
         group_calls,
         on_close: Mutex::new(OnClose::Pending(None)),
-    });
-    tokio::spawn(read_loop(shared.clone(), service, parent.clone()));
-    shared
+        direct,
+        read_lock: tokio::sync::Mutex::new(()),
+    })
 }
 
-/// An incoming call's place among the [`Limits::calls_in_flight`]; freed on drop.
-struct CallSlot(Arc<Shared>);
+/// An incoming call's place among the [`Limits::calls_in_flight`], and among its
+/// group's if the channel is in one; freed on drop.
+struct CallSlot {
+    shared: Arc<Shared>,
+    _group: Option<tokio::sync::OwnedSemaphorePermit>,
+}
 
 impl Drop for CallSlot {
     fn drop(&mut self) {
-        self.0.calls.add_permits(1);
+        self.shared.calls.add_permits(1);
     }
 }
 
@@ -639,32 +769,15 @@ async fn read_frames(
                 break;
             }
         };
-        let frame = match Frame::decode(&datagram.bytes[..]) {
-            Ok(Frame { kind: Some(kind) }) => kind,
-            Ok(Frame { kind: None }) => {
-                tracing::warn!("closing channel: frame is neither call nor reply");
-                break;
-            }
+        let frame = match frame::decode(&datagram.bytes) {
+            Ok(kind) => kind,
             Err(e) => {
-                tracing::warn!("closing channel: undecodable frame: {e}");
+                tracing::warn!("closing channel: {e}");
                 break;
             }
         };
         match frame {
-            Kind::Reply(reply) => {
-                let mut pending = shared.pending.lock().unwrap();
-                let tx = if reply.more {
-                    pending.get(&reply.id).cloned()
-                } else {
-                    pending.remove(&reply.id)
-                };
-                drop(pending);
-                match tx {
-                    // A send error means the caller gave up; the descriptors close here.
-                    Some(tx) => drop(tx.send((reply, datagram.fds))),
-                    None => tracing::debug!(id = reply.id, "reply to no outstanding call, dropped"),
-                }
-            }
+            Kind::Reply(reply) => shared.route(reply, datagram.fds),
             Kind::Call(call) => {
                 tokio::select! {
                     p = shared.calls.acquire() => p.expect("semaphore never closed").forget(),
@@ -676,66 +789,66 @@ async fn read_frames(
                     None => None,
                     Some(group) => tokio::select! {
                         p = group.clone().acquire_owned() => Some(p.expect("semaphore never closed")),
-                        () = shared.states.closed_or_draining() => break,
-                        () = parent.cancelled() => break,
+                        () = shared.states.closed_or_draining() => {
+                            shared.calls.add_permits(1);
+                            break;
+                        }
+                        () = parent.cancelled() => {
+                            shared.calls.add_permits(1);
+                            break;
+                        }
                     },
                 };
-                let slot = CallSlot(shared.clone());
-                let shared = shared.clone();
-                let service = service.clone();
-                tokio::spawn(async move {
-                    let id = call.id;
-                    let request = Request {
-                        method: call.method,
-                        message: call.message,
-                        fds: datagram.fds,
-                    };
-                    let result = match service {
-                        Some(service) => {
-                            let sink = StreamSink {
-                                shared: shared.clone(),
-                                id,
-                            };
-                            tokio::select! {
-                                r = service.call(request, sink) => r,
+                let slot = CallSlot {
+                    shared: shared.clone(),
+                    _group: group,
+                };
+                let id = call.id;
+                let request = Request {
+                    method: call.method,
+                    message: call.message,
+                    fds: datagram.fds,
+                };
+                let Some(service) = service.clone() else {
+                    let refusal = Status::unimplemented(format!(
+                        "Method {} is not served on this channel",
+                        request.method
+                    ));
+                    answer(shared, id, Err(refusal), slot).await;
+                    continue;
+                };
+                let sink = StreamSink {
+                    shared: shared.clone(),
+                    id,
+                };
+                let mut work = service.call(request, sink);
+                // Most calls (a server taking a connection, a registration) finish on
+                // their first poll: answer those here, with no task to spawn and wake.
+                match futures::poll!(&mut work) {
+                    std::task::Poll::Ready(result) => answer(shared, id, result, slot).await,
+                    std::task::Poll::Pending => {
+                        let shared = shared.clone();
+                        tokio::spawn(async move {
+                            let result = tokio::select! {
+                                r = work => r,
                                 // The caller is gone: abandon the work, close its descriptors.
                                 () = shared.states.closed() => return,
-                            }
-                        }
-                        None => Err(Status::unimplemented(format!(
-                            "Method {} is not served on this channel",
-                            request.method
-                        ))),
-                    };
-                    let (reply, fds) = match result {
-                        Ok(r) => (
-                            Reply {
-                                id,
-                                message: r.message,
-                                code: 0,
-                                error: String::new(),
-                                more: false,
-                            },
-                            r.fds,
-                        ),
-                        Err(s) => (
-                            Reply {
-                                id,
-                                message: Vec::new(),
-                                code: s.code as i32,
-                                error: s.message,
-                                more: false,
-                            },
-                            Vec::new(),
-                        ),
-                    };
-                    // Failures are logged and handled (error reply or closed channel)
-                    // inside.
-                    let _ = shared.send_reply(reply, fds).await;
-                    drop(slot);
-                    drop(group);
-                });
+                            };
+                            answer(&shared, id, result, slot).await;
+                        });
+                    }
+                }
             }
         }
     }
+}
+
+/// Sends the final reply of call `id`, then frees its slot.
+async fn answer(shared: &Arc<Shared>, id: u64, result: Result<Response, Status>, slot: CallSlot) {
+    let (reply, fds) = match result {
+        Ok(r) => (frame::reply(id, Ok(r.message), false), r.fds),
+        Err(s) => (frame::reply(id, Err(s), false), Vec::new()),
+    };
+    let _ = shared.send_reply(reply, fds).await;
+    drop(slot);
 }

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use flower_proto::transport::Listener;
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
+use nix::sys::socket::SockType;
 use nix::sys::stat::{Mode, umask};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -27,6 +28,19 @@ pub struct Options {
     /// runtime or anything else opens descriptors: if the manager's variables are
     /// wrong, descriptor 3 could otherwise be something else of ours.
     pub activated: Option<OwnedFd>,
+    /// Serve the pod API too.
+    pub pods: Option<PodsOptions>,
+}
+
+/// Where the pod API listens and where the pods' endpoints live (DESIGN §8).
+#[derive(Debug, Clone)]
+pub struct PodsOptions {
+    /// The gRPC socket, created 0600: its mode is the API's only protection.
+    pub socket: PathBuf,
+    /// `PODS_DIR`.
+    pub dir: PathBuf,
+    /// Handles each pod or container endpoint may hold at a time.
+    pub max_handles: usize,
 }
 
 /// Runs until SIGTERM or SIGINT, then removes the socket file (unless it came from
@@ -54,6 +68,12 @@ pub async fn run(options: Options) -> io::Result<()> {
             (listener, Some(identity))
         }
     };
+    let switchboard = Switchboard::new(options.config);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let pods = match &options.pods {
+        Some(pods) => Some(start_pods(&switchboard, pods, stop.clone())?),
+        None => None,
+    };
     systemd::notify("READY=1");
 
     let shutdown = async {
@@ -62,35 +82,90 @@ pub async fn run(options: Options) -> io::Result<()> {
             _ = int.recv() => {}
         }
     };
-    Switchboard::new(options.config)
-        .serve(listener, shutdown)
-        .await;
+    switchboard.serve(listener, shutdown).await;
     systemd::notify("STOPPING=1");
+    stop.cancel();
+    if let Some((task, socket, identity)) = pods {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
+        remove_if_ours(&socket, identity);
+    }
 
     // Remove the socket only if we made it and it is still ours (not replaced by
     // another daemon).
-    if let Some(identity) = identity
-        && std::fs::symlink_metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == identity)
-    {
-        let _ = std::fs::remove_file(path);
+    if let Some(identity) = identity {
+        remove_if_ours(path, identity);
     }
     tracing::info!("switchboard stopped");
     Ok(())
 }
 
+fn remove_if_ours(path: &Path, identity: (u64, u64)) {
+    if std::fs::symlink_metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == identity) {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// Binds the pod API socket first (so a second daemon on the same socket stops
+/// before touching the pods), restores the registry, and serves the API.
+fn start_pods(
+    switchboard: &Switchboard,
+    options: &PodsOptions,
+    stop: tokio_util::sync::CancellationToken,
+) -> io::Result<(tokio::task::JoinHandle<()>, PathBuf, (u64, u64))> {
+    let listener = bind_stream(&options.socket, 0o600)?;
+    let identity = std::fs::symlink_metadata(&options.socket).map(|m| (m.dev(), m.ino()))?;
+    let pods = crate::pods::Pods::open(
+        switchboard.clone(),
+        crate::pods::Options {
+            dir: options.dir.clone(),
+            max_handles: options.max_handles,
+        },
+    )?;
+    tracing::info!(
+        socket = %options.socket.display(),
+        dir = %options.dir.display(),
+        "pod API listening"
+    );
+    let task = tokio::spawn(async move {
+        if let Err(e) = crate::pod_api::serve(pods, listener, stop.cancelled_owned()).await {
+            tracing::error!("pod API stopped: {e}");
+        }
+    });
+    Ok((task, options.socket.clone(), identity))
+}
+
 /// Creates the listening socket: replaces a stale socket file, refuses to steal a live
 /// one or to replace anything that is not a socket.
 pub fn bind(path: &Path, mode: u32, group: Option<&str>) -> io::Result<Listener> {
+    bind_with(path, mode, group, SockType::SeqPacket, Listener::bind)
+}
+
+/// Like [`bind`], for a SOCK_STREAM socket (the pod API's).
+pub fn bind_stream(path: &Path, mode: u32) -> io::Result<tokio::net::UnixListener> {
+    bind_with(path, mode, None, SockType::Stream, |p| {
+        tokio::net::UnixListener::bind(p)
+    })
+}
+
+fn bind_with<L>(
+    path: &Path,
+    mode: u32,
+    group: Option<&str>,
+    kind: SockType,
+    bind: impl FnOnce(&Path) -> io::Result<L>,
+) -> io::Result<L> {
     let context = |what: &str, e: io::Error| {
         io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
     };
+    // Before anything exists on disk: an unknown group must not leave a socket behind.
+    let gid = group.map(group_id).transpose()?;
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)
             .map_err(|e| context("cannot create the directory of", e))?;
     }
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
-            match probe(path) {
+            match probe(path, kind) {
                 Ok(()) => {
                     return Err(io::Error::new(
                         io::ErrorKind::AddrInUse,
@@ -125,24 +200,12 @@ pub fn bind(path: &Path, mode: u32, group: Option<&str>) -> io::Result<Listener>
     }
     // A tight umask while binding so the socket never exists with wider permissions.
     let old = umask(Mode::from_bits_truncate(0o177));
-    let bound = Listener::bind(path);
+    let bound = bind(path);
     umask(old);
     let listener = bound.map_err(|e| context("cannot listen on", e))?;
     // Group first, mode second: widening the mode while the socket still has the
     // daemon's own group would let that group's members in for a moment.
-    if let Some(group) = group {
-        let gid = match nix::unistd::Group::from_name(group) {
-            Ok(Some(g)) => g.gid,
-            _ => match group.parse::<u32>() {
-                Ok(gid) => nix::unistd::Gid::from_raw(gid),
-                Err(_) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::NotFound,
-                        format!("unknown group {group}"),
-                    ));
-                }
-            },
-        };
+    if let Some(gid) = gid {
         nix::unistd::chown(path, None, Some(gid))
             .map_err(|e| context("cannot change the group of", e.into()))?;
     }
@@ -151,15 +214,26 @@ pub fn bind(path: &Path, mode: u32, group: Option<&str>) -> io::Result<Listener>
     Ok(listener)
 }
 
+/// A group name, or a number.
+fn group_id(group: &str) -> io::Result<nix::unistd::Gid> {
+    match nix::unistd::Group::from_name(group) {
+        Ok(Some(g)) => Ok(g.gid),
+        _ => group
+            .parse::<u32>()
+            .map(nix::unistd::Gid::from_raw)
+            .map_err(|_| io::Error::new(io::ErrorKind::NotFound, format!("unknown group {group}"))),
+    }
+}
+
 /// Tries to connect to `path`. Only a refused connect proves the socket stale.
-fn probe(path: &Path) -> nix::Result<()> {
-    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
+fn probe(path: &Path, kind: SockType) -> nix::Result<()> {
+    use nix::sys::socket::{AddressFamily, SockFlag, UnixAddr, connect, socket};
     use std::os::fd::AsRawFd;
     // Non-blocking: a live daemon whose backlog is full answers EAGAIN instead of
     // making this start-up wait for it.
     let fd = socket(
         AddressFamily::Unix,
-        SockType::SeqPacket,
+        kind,
         SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
         None,
     )?;
@@ -189,14 +263,14 @@ pub fn raise_nofile_limit() {
     let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok());
-    if let Some(ceiling) = nr_open.filter(|&n| n > hard) {
-        if setrlimit(Resource::RLIMIT_NOFILE, ceiling, ceiling).is_ok() {
-            return tracing::info!(
-                from = soft,
-                to = ceiling,
-                "raised RLIMIT_NOFILE to fs.nr_open"
-            );
-        }
+    if let Some(ceiling) = nr_open.filter(|&n| n > hard)
+        && setrlimit(Resource::RLIMIT_NOFILE, ceiling, ceiling).is_ok()
+    {
+        return tracing::info!(
+            from = soft,
+            to = ceiling,
+            "raised RLIMIT_NOFILE to fs.nr_open"
+        );
     }
     if soft < hard {
         match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {

@@ -27,7 +27,7 @@ pub type TargetId = u64;
 
 /// A registered target: its labels and the registrant's payload.
 #[derive(Debug)]
-pub struct Target<T> {
+pub struct Entry<T> {
     pub labels: Labels,
     pub value: T,
 }
@@ -56,7 +56,7 @@ struct Group {
 
 #[derive(Debug)]
 pub struct Directory<T> {
-    targets: HashMap<TargetId, (Target<T>, KeySet)>,
+    targets: HashMap<TargetId, (Entry<T>, KeySet)>,
     groups: HashMap<KeySet, Group>,
     hasher: RandomState,
     next_id: TargetId,
@@ -86,7 +86,7 @@ impl<T> Directory<T> {
         self.targets.is_empty()
     }
 
-    pub fn get(&self, id: TargetId) -> Option<&Target<T>> {
+    pub fn get(&self, id: TargetId) -> Option<&Entry<T>> {
         self.targets.get(&id).map(|(t, _)| t)
     }
 
@@ -109,11 +109,11 @@ impl<T> Directory<T> {
             let hash = project_hash(&self.hasher, &keys, projection, &labels);
             index.entry(hash).or_default().insert(id);
         }
-        self.targets.insert(id, (Target { labels, value }, keys));
+        self.targets.insert(id, (Entry { labels, value }, keys));
         Ok(id)
     }
 
-    pub fn remove(&mut self, id: TargetId) -> Option<Target<T>> {
+    pub fn remove(&mut self, id: TargetId) -> Option<Entry<T>> {
         let (target, keys) = self.targets.remove(&id)?;
         let group = self
             .groups
@@ -234,7 +234,7 @@ impl Group {
         &mut self,
         projection: Projection,
         keys: &[String],
-        targets: &HashMap<TargetId, (Target<T>, KeySet)>,
+        targets: &HashMap<TargetId, (Entry<T>, KeySet)>,
         hasher: &RandomState,
     ) {
         let mut index: HashMap<u64, BTreeSet<TargetId>> = HashMap::new();
@@ -355,7 +355,7 @@ mod tests {
         let random_labels = |next: &mut dyn FnMut() -> u64| -> Labels {
             let mut labels = Labels::new();
             for &k in keys {
-                if next() % 3 != 0 {
+                if !next().is_multiple_of(3) {
                     labels.insert(k.to_string(), (next() % 3).to_string());
                 }
             }

@@ -12,11 +12,10 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use flower_proto::fds::{Fds, OutFds};
-use flower_proto::rpc::{Method, Peer, Request, Response, Service, StreamSink};
+use flower_proto::rpc::{Answer, Method, Peer, Stream};
 use flower_proto::switchboard::{self as sb, Right, rpc};
-use flower_proto::transport::{Channel, stream_pair};
+use flower_proto::transport::Channel;
 use flower_proto::{Code, Labels, Status, egress, resolver, server};
-use futures::future::BoxFuture;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -27,10 +26,11 @@ use crate::labels::{
 use crate::quota::{Quota, Ticket};
 use crate::resolvers::{MAX_TARGETS, Resolver, attempt_order};
 use crate::rights::Rights;
-use crate::{Shared, TargetEntry, TargetKind};
+use crate::scope::HandleCount;
+use crate::{Registrant, State, TargetKind};
 
 pub(crate) struct Handle {
-    pub shared: Arc<Shared>,
+    pub shared: Arc<State>,
     pub rights: Rights,
     pub in_labels: FixedLabels,
     pub out_labels: FixedLabels,
@@ -40,32 +40,14 @@ pub(crate) struct Handle {
     pub quota: Arc<Quota>,
     /// This handle's own unit of `quota`.
     pub _ticket: Ticket,
+    /// Set when the embedder counts this scope (a pod's): released on drop.
+    pub counted: Option<HandleCount>,
 }
 
-impl Service for Handle {
-    fn call(
-        self: Arc<Self>,
-        request: Request,
-        stream: StreamSink,
-    ) -> BoxFuture<'static, Result<Response, Status>> {
-        Box::pin(async move {
-            match request.method.as_str() {
-                rpc::Constrain::PATH => self.constrain(request),
-                rpc::ClientConnect::PATH => self.client_connect(request).await,
-                rpc::IngressConnect::PATH => self.ingress_connect(request).await,
-                rpc::ServerStart::PATH => self.register(request, TargetKind::Server),
-                rpc::EgressStart::PATH => self.register(request, TargetKind::Egress),
-                rpc::ResolverStart::PATH => self.resolver_start(request),
-                rpc::List::PATH => self.list(request, stream).await,
-                other => Err(Status::unimplemented(format!("Unknown method {other}"))),
-            }
-        })
-    }
-}
-
-impl Handle {
-    fn constrain(&self, request: Request) -> Result<Response, Status> {
-        let (req, _) = request.decode::<rpc::Constrain>()?;
+/// The switchboard service on one handle's channel. Every method checks its right
+/// first; the generated `rpc::Serve` has already decoded the request.
+impl rpc::Switchboard for Handle {
+    async fn constrain(&self, req: sb::ConstrainRequest, _: Fds) -> Answer<sb::ConstrainResponse> {
         let rights = Rights::from_wire(&req.rights)?;
         self.rights.require(rights)?;
         let in_labels = derive_fixed(&self.in_labels, &req.in_labels, "In")?;
@@ -76,6 +58,11 @@ impl Handle {
             derive_fixed(&self.out_labels, &req.out_labels, "Out")?
         };
         let ticket = self.quota.acquire()?;
+        let counted = self
+            .counted
+            .as_ref()
+            .map(HandleCount::another)
+            .transpose()?;
         let (channel, theirs) =
             Channel::pair().map_err(|e| exhausted("Cannot create a handle", &e))?;
         let child = Handle {
@@ -86,81 +73,93 @@ impl Handle {
             scope: self.scope.clone(),
             quota: self.quota.clone(),
             _ticket: ticket,
+            counted,
         };
         child.serve(channel);
         let mut fds = OutFds::new();
-        Ok(Response::new(
-            &sb::ConstrainResponse {
-                switchboard: fds.push(theirs),
-            },
-            fds.into_vec(),
-        ))
+        let switchboard = fds.push(theirs);
+        Ok((sb::ConstrainResponse { switchboard }, fds))
     }
 
-    /// Serves `channel` as this handle until it closes or the scope is revoked.
-    pub fn serve(self, channel: Channel) {
-        let scope = self.scope.clone();
-        let limits = self.shared.config.channel;
-        let charge = self.quota.clone();
-        let calls = self.quota.calls.clone();
-        Peer::serve(channel, Arc::new(self), &scope, limits, Some(charge), calls);
-    }
-
-    fn register(&self, request: Request, kind: TargetKind) -> Result<Response, Status> {
-        self.rights.require_one(match kind {
-            TargetKind::Server => Right::ServerStart,
-            TargetKind::Egress => Right::EgressStart,
-        })?;
-        let requested = match kind {
-            TargetKind::Server => request.decode::<rpc::ServerStart>()?.0.in_labels,
-            TargetKind::Egress => request.decode::<rpc::EgressStart>()?.0.in_labels,
-        };
-        let labels = merge_fixed(&self.in_labels, &requested, "In")?;
-        // Everyone's List must be able to show it.
-        if !fits_list_reply(&labels) {
-            return Err(Status::invalid_argument(format!(
-                "Labels of {} bytes do not fit a List reply ({} bytes at most, with the \
-                 labels this handle adds)",
-                labels_len(&labels),
-                MAX_LIST_LABELS
-            )));
+    async fn client_connect(
+        &self,
+        req: sb::ClientConnectRequest,
+        _: Fds,
+    ) -> Answer<sb::ClientConnectResponse> {
+        self.rights.require_one(Right::ClientConnect)?;
+        let deadline = self.connect_deadline();
+        let candidates = self.candidates(&req.out_labels, deadline).await?;
+        // Every attempt has its own socketpair, so any failure may move on.
+        let out_of_time = |_: &Status| Instant::now() >= deadline;
+        let result = first_success(candidates, out_of_time, |out, _| {
+            self.client_connect_to(out, deadline)
+        })
+        .await;
+        if let Err(status) = &result {
+            tracing::debug!(labels = ?req.out_labels, "connect failed: {status}");
         }
-        let (peer, theirs, ticket) = self.registration_channel()?;
-        let entry = TargetEntry {
-            kind,
-            peer: peer.clone(),
-        };
-        let id = self
-            .shared
-            .directory
-            .lock()
-            .unwrap()
-            .insert(labels, entry)
-            .map_err(|_| {
-                Status::failed_precondition("Another target with no conflicting labels exists")
-            })?;
-        let shared = self.shared.clone();
-        peer.on_close(move || {
-            shared.directory.lock().unwrap().remove(id);
-            drop(ticket);
-            tracing::debug!(id, "target removed");
-        });
-        let mut fds = OutFds::new();
-        let fd = fds.push(theirs);
-        let response = match kind {
-            TargetKind::Server => {
-                Response::new(&sb::ServerStartResponse { server: fd }, fds.into_vec())
-            }
-            TargetKind::Egress => {
-                Response::new(&sb::EgressStartResponse { egress: fd }, fds.into_vec())
-            }
-        };
-        Ok(response)
+        result
     }
 
-    fn resolver_start(&self, request: Request) -> Result<Response, Status> {
+    async fn ingress_connect(
+        &self,
+        req: sb::IngressConnectRequest,
+        mut fds: Fds,
+    ) -> Answer<sb::IngressConnectResponse> {
+        self.rights.require_one(Right::IngressConnect)?;
+        let client = fds.take_connection(req.client, "client")?;
+        let deadline = self.connect_deadline();
+        let candidates = self.candidates(&req.out_labels, deadline).await?;
+        let mut client = Some(client);
+        // A server that timed out may still take the duplicate it was sent; offering
+        // the same TCP connection to a second server would let two servers share it.
+        let delivered = |status: &Status| status.code == Code::DeadlineExceeded;
+        let labels = first_success(candidates, delivered, |out, last| {
+            // Every attempt but the last gets a duplicate, so a refusal leaves us the
+            // socket to offer the next candidate.
+            let socket = match last {
+                true => Ok(client.take().expect("one last attempt")),
+                false => client
+                    .as_ref()
+                    .expect("socket kept")
+                    .try_clone()
+                    .map_err(|e| exhausted("Cannot duplicate the client", &e)),
+            };
+            async move { self.ingress_connect_to(socket?, out, deadline).await }
+        })
+        .await?;
+        let response = sb::IngressConnectResponse {
+            connection_labels: labels,
+        };
+        Ok((response, OutFds::new()))
+    }
+
+    async fn server_start(
+        &self,
+        req: sb::ServerStartRequest,
+        _: Fds,
+    ) -> Answer<sb::ServerStartResponse> {
+        self.rights.require_one(Right::ServerStart)?;
+        let (server, fds) = self.register(req.in_labels, TargetKind::Server, req.backlog)?;
+        Ok((sb::ServerStartResponse { server }, fds))
+    }
+
+    async fn egress_start(
+        &self,
+        req: sb::EgressStartRequest,
+        _: Fds,
+    ) -> Answer<sb::EgressStartResponse> {
+        self.rights.require_one(Right::EgressStart)?;
+        let (egress, fds) = self.register(req.in_labels, TargetKind::Egress, false)?;
+        Ok((sb::EgressStartResponse { egress }, fds))
+    }
+
+    async fn resolver_start(
+        &self,
+        req: sb::ResolverStartRequest,
+        _: Fds,
+    ) -> Answer<sb::ResolverStartResponse> {
         self.rights.require_one(Right::ResolverStart)?;
-        let (req, _) = request.decode::<rpc::ResolverStart>()?;
         let mut keys = req.resolve_labels;
         if keys.is_empty() {
             return Err(Status::invalid_argument("Resolve labels must not be empty"));
@@ -193,10 +192,103 @@ impl Handle {
             tracing::debug!(id, "resolver removed");
         });
         let mut fds = OutFds::new();
-        let response = sb::ResolverStartResponse {
-            resolver: fds.push(theirs),
+        let resolver = fds.push(theirs);
+        Ok((sb::ResolverStartResponse { resolver }, fds))
+    }
+
+    async fn list(
+        &self,
+        req: sb::ListRequest,
+        _: Fds,
+        stream: Stream<sb::ListResponse>,
+    ) -> Result<(), Status> {
+        self.rights.require_one(Right::List)?;
+        let out = merge_fixed(&self.out_labels, &req.out_labels, "Out")?;
+        // One target at a time: a call holds the ids that matched and one target's
+        // labels, and waits (with backpressure, cut off after the channel's send
+        // timeout) for the reader to take each. A target removed meanwhile is skipped.
+        let ids = self.shared.directory.lock().unwrap().matching(&out);
+        for id in ids {
+            let Some(labels) = self
+                .shared
+                .directory
+                .lock()
+                .unwrap()
+                .get(id)
+                .map(|t| t.labels.clone())
+            else {
+                continue;
+            };
+            stream.send(&sb::ListResponse { labels }).await?;
+        }
+        Ok(())
+    }
+}
+
+impl Handle {
+    /// Serves `channel` as this handle until it closes or the scope is revoked.
+    pub fn serve(self, channel: Channel) {
+        let scope = self.scope.clone();
+        let limits = self.shared.config.channel;
+        let charge = self.quota.clone();
+        let calls = self.quota.calls.clone();
+        Peer::serve(
+            channel,
+            Arc::new(rpc::Serve(self)),
+            &scope,
+            limits,
+            Some(charge),
+            calls,
+        );
+    }
+
+    /// Registers a target of `kind` under the handle's in-labels and `requested`;
+    /// returns the registrant's end of its registration channel.
+    fn register(
+        &self,
+        requested: Labels,
+        kind: TargetKind,
+        backlog: bool,
+    ) -> Answer<Option<flower_proto::Fd>> {
+        let labels = merge_fixed(&self.in_labels, &requested, "In")?;
+        tracing::debug!(?kind, ?labels, "registering");
+        // Everyone's List must be able to show it.
+        if !fits_list_reply(&labels) {
+            return Err(Status::invalid_argument(format!(
+                "Labels of {} bytes do not fit a List reply ({} bytes at most, with the \
+                 labels this handle adds)",
+                labels_len(&labels),
+                MAX_LIST_LABELS
+            )));
+        }
+        let (peer, theirs, ticket) = self.registration_channel()?;
+        let entry = Registrant {
+            kind,
+            peer: peer.clone(),
+            backlog,
         };
-        Ok(Response::new(&response, fds.into_vec()))
+        let id = self
+            .shared
+            .directory
+            .lock()
+            .unwrap()
+            .insert(labels, entry)
+            .map_err(|_| {
+                tracing::debug!("registration refused: another target does not contradict it");
+                Status::failed_precondition("Another target with no conflicting labels exists")
+            })?;
+        tracing::debug!(id, "target registered");
+        let shared = self.shared.clone();
+        let counted = self.counted.as_ref().map(|c| c.target(id));
+        peer.on_close(move || {
+            shared.directory.lock().unwrap().remove(id);
+            drop(counted);
+            drop(ticket);
+            tracing::debug!(id, "target removed");
+        });
+        let mut fds = OutFds::new();
+        let fd = fds.push(theirs);
+        Ok((fd, fds))
     }
 
     /// A channel on which the switchboard will call a registrant, and the registrant's
@@ -244,7 +336,7 @@ impl Handle {
                     .await?;
                 // A resolver is trusted with names, not with memory or label rules:
                 // keep a bounded number of well-formed targets.
-                let targets: Arc<[resolver::Target]> = reply
+                let targets: Arc<[resolver::Candidate]> = reply
                     .targets
                     .into_iter()
                     .filter(|t| validate(&t.out_labels).is_ok())
@@ -267,7 +359,7 @@ impl Handle {
     }
 
     /// Looks up the one target for `out`; returns it with the connection labels.
-    fn lookup(&self, out: Labels) -> Result<(TargetEntry, Labels), Status> {
+    fn lookup(&self, out: Labels) -> Result<(Registrant, Labels), Status> {
         let mut directory = self.shared.directory.lock().unwrap();
         let id: TargetId = match directory.lookup(&out) {
             Lookup::NotFound => return Err(Status::not_found("No matching target found")),
@@ -286,27 +378,30 @@ impl Handle {
         Ok((target.value.clone(), connection_labels))
     }
 
-    async fn client_connect(&self, request: Request) -> Result<Response, Status> {
-        self.rights.require_one(Right::ClientConnect)?;
-        let (req, _) = request.decode::<rpc::ClientConnect>()?;
-        let deadline = self.connect_deadline();
-        let candidates = self.candidates(&req.out_labels, deadline).await?;
-        // Every attempt has its own socketpair, so any failure may move on.
-        let out_of_time = |_: &Status| Instant::now() >= deadline;
-        first_success(candidates, out_of_time, |out, _| {
-            self.client_connect_to(out, deadline)
-        })
-        .await
-    }
-
-    async fn client_connect_to(&self, out: Labels, deadline: Instant) -> Result<Response, Status> {
+    async fn client_connect_to(
+        &self,
+        out: Labels,
+        deadline: Instant,
+    ) -> Answer<sb::ClientConnectResponse> {
         let (target, labels) = self.lookup(out)?;
+        tracing::debug!(kind = ?target.kind, connection_labels = ?labels, "connecting");
         let socket = match target.kind {
             TargetKind::Server => {
-                let (ours, theirs) =
-                    stream_pair().map_err(|e| exhausted("Cannot create a connection", &e))?;
-                self.server_connect(&target.peer, theirs, labels.clone(), deadline)
-                    .await?;
+                let (ours, theirs) = self
+                    .shared
+                    .pairs
+                    .take()
+                    .map_err(|e| exhausted("Cannot create a connection", &e))?;
+                match target.backlog {
+                    true => {
+                        self.server_queue(&target.peer, theirs, labels.clone(), deadline)
+                            .await?
+                    }
+                    false => {
+                        self.server_connect(&target.peer, theirs, labels.clone(), deadline)
+                            .await?
+                    }
+                }
                 ours
             }
             TargetKind::Egress => {
@@ -330,37 +425,7 @@ impl Handle {
             server: fds.push(socket),
             connection_labels: labels,
         };
-        Ok(Response::new(&response, fds.into_vec()))
-    }
-
-    async fn ingress_connect(&self, request: Request) -> Result<Response, Status> {
-        self.rights.require_one(Right::IngressConnect)?;
-        let (req, mut fds) = request.decode::<rpc::IngressConnect>()?;
-        let client = fds.take_connection(req.client, "client")?;
-        let deadline = self.connect_deadline();
-        let candidates = self.candidates(&req.out_labels, deadline).await?;
-        let mut client = Some(client);
-        // A server that timed out may still take the duplicate it was sent; offering
-        // the same TCP connection to a second server would let two servers share it.
-        let delivered = |status: &Status| status.code == Code::DeadlineExceeded;
-        let labels = first_success(candidates, delivered, |out, last| {
-            // Every attempt but the last gets a duplicate, so a refusal leaves us the
-            // socket to offer the next candidate.
-            let socket = match last {
-                true => Ok(client.take().expect("one last attempt")),
-                false => client
-                    .as_ref()
-                    .expect("socket kept")
-                    .try_clone()
-                    .map_err(|e| exhausted("Cannot duplicate the client", &e)),
-            };
-            async move { self.ingress_connect_to(socket?, out, deadline).await }
-        })
-        .await?;
-        let response = sb::IngressConnectResponse {
-            connection_labels: labels,
-        };
-        Ok(Response::new(&response, Vec::new()))
+        Ok((response, fds))
     }
 
     async fn ingress_connect_to(
@@ -370,6 +435,7 @@ impl Handle {
         deadline: Instant,
     ) -> Result<Labels, Status> {
         let (target, labels) = self.lookup(out)?;
+        tracing::debug!(kind = ?target.kind, connection_labels = ?labels, "connecting an ingress");
         match target.kind {
             TargetKind::Server => {
                 self.server_connect(&target.peer, client, labels.clone(), deadline)
@@ -410,6 +476,33 @@ impl Handle {
         Instant::now() + self.shared.config.connect_deadline
     }
 
+    /// Queues `Server.Connect` on a backlog server's channel and does not wait for the
+    /// reply: if the server fails, the client sees end of stream on its end.
+    async fn server_queue(
+        &self,
+        server: &Peer,
+        client: OwnedFd,
+        labels: Labels,
+        deadline: Instant,
+    ) -> Result<(), Status> {
+        let mut fds = OutFds::new();
+        let request = server::ConnectRequest {
+            client: fds.push(client),
+            connection_labels: labels,
+        };
+        let config = &self.shared.config;
+        let until = deadline.min(Instant::now() + config.call_timeout);
+        let queued = server.send_only::<server::rpc::Connect>(&request, fds.into_vec());
+        match tokio::time::timeout_at(until, queued).await {
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "Target did not take the connection within {:?}",
+                config.call_timeout.min(config.connect_deadline)
+            ))),
+            Ok(Err(_)) => Err(Status::unavailable("Target went away during the call")),
+            Ok(Ok(())) => Ok(()),
+        }
+    }
+
     /// A call to a registrant (`what` names it in errors), bounded by the call
     /// timeout and by the connect's overall `deadline`. One timer either way.
     async fn call_registrant<M: Method>(
@@ -427,40 +520,22 @@ impl Handle {
                 "No target answered within the connect deadline of {:?}",
                 config.connect_deadline
             ))),
-            Err(_) => Err(Status::deadline_exceeded(format!(
-                "{what} did not answer within {:?}",
-                config.call_timeout
-            ))),
+            Err(_) => {
+                tracing::debug!(
+                    method = M::PATH,
+                    "{what} did not answer within {:?}",
+                    config.call_timeout
+                );
+                Err(Status::deadline_exceeded(format!(
+                    "{what} did not answer within {:?}",
+                    config.call_timeout
+                )))
+            }
             Ok(Err(status)) if status.code == Code::Unavailable && target.is_closed() => Err(
                 Status::unavailable(format!("{what} went away during the call")),
             ),
             Ok(result) => result,
         }
-    }
-
-    /// Streams the matching targets one at a time: a call holds the ids that
-    /// matched and one target's labels, and waits (with backpressure, cut off after
-    /// the channel's send timeout) for the reader to take each. A target removed in
-    /// the meantime is skipped.
-    async fn list(&self, request: Request, stream: StreamSink) -> Result<Response, Status> {
-        self.rights.require_one(Right::List)?;
-        let (req, _) = request.decode::<rpc::List>()?;
-        let out = merge_fixed(&self.out_labels, &req.out_labels, "Out")?;
-        let ids = self.shared.directory.lock().unwrap().matching(&out);
-        for id in ids {
-            let Some(labels) = self
-                .shared
-                .directory
-                .lock()
-                .unwrap()
-                .get(id)
-                .map(|t| t.labels.clone())
-            else {
-                continue;
-            };
-            stream.send(&sb::ListResponse { labels }).await?;
-        }
-        Ok(Response::default())
     }
 }
 

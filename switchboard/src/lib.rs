@@ -14,13 +14,19 @@
 //! # drop(fd); Ok(()) }
 //! ```
 
+#![forbid(unsafe_code)]
+
 pub mod daemon;
 pub mod directory;
 mod handle;
 pub mod labels;
+mod pairs;
+pub mod pod_api;
+pub mod pods;
 mod quota;
 mod resolvers;
 pub mod rights;
+mod scope;
 pub mod systemd;
 
 use std::io;
@@ -90,16 +96,21 @@ pub(crate) enum TargetKind {
 
 /// What the directory stores per target: how to call its registrant.
 #[derive(Clone)]
-pub(crate) struct TargetEntry {
+pub(crate) struct Registrant {
     pub kind: TargetKind,
     pub peer: Peer,
+    /// A server that takes connections into a backlog: its clients are answered as
+    /// soon as its Connect is queued (`ServerStartRequest.backlog`).
+    pub backlog: bool,
 }
 
-pub(crate) struct Shared {
+pub(crate) struct State {
     /// One lock: every critical section is a few hash probes, never an await.
-    pub directory: Mutex<Directory<TargetEntry>>,
+    pub directory: Mutex<Directory<Registrant>>,
     pub resolvers: Mutex<resolvers::Resolvers>,
     pub config: Config,
+    /// Connection socketpairs made ahead of time, off the connect path.
+    pub pairs: pairs::Pairs,
     /// Descriptors handles and registrations may hold: `RLIMIT_NOFILE` less the
     /// reserve.
     pub budget: Arc<Quota>,
@@ -135,7 +146,7 @@ pub(crate) fn explain_io_error(e: &io::Error) -> String {
 /// A running switchboard (cheap to clone).
 #[derive(Clone)]
 pub struct Switchboard {
-    shared: Arc<Shared>,
+    shared: Arc<State>,
     root: CancellationToken,
 }
 
@@ -144,12 +155,56 @@ pub struct Switchboard {
 #[derive(Debug, Clone)]
 pub struct Scope {
     token: CancellationToken,
+    counts: Option<Arc<scope::ScopeCounts>>,
 }
 
 impl Scope {
-    /// Closes every handle and registration channel in the scope; their targets vanish.
+    /// Closes every handle and registration channel in the scope; their targets vanish
+    /// (a counted scope's own targets are removed from the directory before this
+    /// returns; the channels close as their tasks run).
     pub fn revoke(&self) {
         self.token.cancel();
+        if let Some(counts) = &self.counts {
+            counts.remove_targets();
+        }
+    }
+
+    pub fn is_revoked(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    /// A counted scope inside this one: revoking this one revokes it too. `None` for
+    /// a scope that is not counted itself.
+    pub fn counted_child(&self, max_handles: usize) -> Option<Scope> {
+        let counts = self.counts.as_ref()?;
+        Some(Scope {
+            token: self.token.child_token(),
+            counts: Some(scope::ScopeCounts::new(counts.shared(), max_handles)),
+        })
+    }
+
+    /// Open handles in a counted scope (0 for one that is not counted).
+    pub fn handles(&self) -> usize {
+        self.counts.as_ref().map_or(0, |c| c.handles())
+    }
+
+    /// Targets registered through a counted scope's handles.
+    pub fn targets(&self) -> usize {
+        self.counts.as_ref().map_or(0, |c| c.targets())
+    }
+
+    /// Resolves once a counted scope holds no handle and no target (at once for
+    /// one that is not counted). After [`Scope::revoke`], this is when everything
+    /// the scope held is gone.
+    pub async fn emptied(&self) {
+        if let Some(counts) = &self.counts {
+            counts.empty().await
+        }
+    }
+
+    /// Resolves when the scope is revoked.
+    pub async fn revoked(&self) {
+        self.token.cancelled().await
     }
 }
 
@@ -162,8 +217,9 @@ impl Switchboard {
             .unwrap_or(1024)
             .min(usize::MAX as u64 / 2) as usize;
         let reserve = config.reserve_descriptors.min(nofile / 4);
+        // The socketpair pool's descriptors are held from the start.
         let budget = Quota::new(
-            nofile - reserve,
+            nofile.saturating_sub(reserve + pairs::DESCRIPTORS),
             format!(
                 "The switchboard's descriptors are used up: RLIMIT_NOFILE {nofile}, of which \
                  {reserve} are kept in reserve (--reserve-descriptors); raise the limit \
@@ -172,10 +228,11 @@ impl Switchboard {
             None,
         );
         Switchboard {
-            shared: Arc::new(Shared {
+            shared: Arc::new(State {
                 directory: Mutex::new(Directory::new()),
                 resolvers: Mutex::default(),
                 config,
+                pairs: pairs::Pairs::new(),
                 budget,
                 uid_quotas: UidQuotas::default(),
                 refusing: Quota::new(MAX_REFUSING, String::new(), None),
@@ -193,6 +250,35 @@ impl Switchboard {
         in_labels: &Labels,
         out_labels: &Labels,
     ) -> io::Result<Scope> {
+        let scope = Scope {
+            token: self.root.child_token(),
+            counts: None,
+        };
+        self.serve_in(&scope, channel, rights, in_labels, out_labels)?;
+        Ok(scope)
+    }
+
+    /// A new scope whose handles and targets are counted, holding at most
+    /// `max_handles` handles at a time (those served into it and those constrained
+    /// from them). Serve handles into it with [`Switchboard::serve_in`].
+    pub fn counted_scope(&self, max_handles: usize) -> Scope {
+        Scope {
+            token: self.root.child_token(),
+            counts: Some(scope::ScopeCounts::new(self.shared.clone(), max_handles)),
+        }
+    }
+
+    /// Serves `channel` as a handle inside `scope`, with the given rights and fixed
+    /// labels. Fails with `InvalidInput` for labels with an empty key, and with
+    /// `ResourceBusy` when a counted scope is full (the channel is closed then).
+    pub fn serve_in(
+        &self,
+        scope: &Scope,
+        channel: Channel,
+        rights: Rights,
+        in_labels: &Labels,
+        out_labels: &Labels,
+    ) -> io::Result<()> {
         for labels in [in_labels, out_labels] {
             labels::validate(labels)
                 .map_err(|status| io::Error::new(io::ErrorKind::InvalidInput, status.message))?;
@@ -210,22 +296,32 @@ impl Switchboard {
         let ticket = quota
             .acquire()
             .map_err(|status| io::Error::other(status.message))?;
-        Ok(self.serve_charged(channel, rights, in_labels, out_labels, quota, ticket))
+        self.serve_charged(scope, channel, rights, in_labels, out_labels, quota, ticket)
     }
 
-    /// Serves `channel` as a handle charged to `quota` (`ticket` is its own unit).
+    /// Serves `channel` as a handle in `scope` charged to `quota` (`ticket` is its
+    /// own unit).
+    #[allow(clippy::too_many_arguments)]
     fn serve_charged(
         &self,
+        scope: &Scope,
         channel: Channel,
         rights: Rights,
         in_labels: &Labels,
         out_labels: &Labels,
         quota: Arc<Quota>,
         ticket: Ticket,
-    ) -> Scope {
-        let token = self.root.child_token();
+    ) -> io::Result<()> {
+        let counted = match &scope.counts {
+            Some(counts) => Some(
+                counts
+                    .handle()
+                    .map_err(|s| io::Error::new(io::ErrorKind::ResourceBusy, s.message))?,
+            ),
+            None => None,
+        };
         let fixed_in = FixedLabels::new(in_labels);
-        let handle = Handle {
+        Handle {
             shared: self.shared.clone(),
             rights,
             out_labels: match out_labels == in_labels {
@@ -233,12 +329,13 @@ impl Switchboard {
                 false => FixedLabels::new(out_labels),
             },
             in_labels: fixed_in,
-            scope: token.clone(),
+            scope: scope.token.clone(),
+            counted,
             quota,
             _ticket: ticket,
-        };
-        handle.serve(channel);
-        Scope { token }
+        }
+        .serve(channel);
+        Ok(())
     }
 
     /// Creates a handle and returns the descriptor to pass to its user.
@@ -305,7 +402,12 @@ impl Switchboard {
             });
         match charged {
             Ok((quota, ticket)) => {
-                self.serve_charged(channel, Rights::ALL, none, none, quota, ticket);
+                let scope = Scope {
+                    token: self.root.child_token(),
+                    counts: None,
+                };
+                // A plain scope has no count to fill: this cannot fail.
+                let _ = self.serve_charged(&scope, channel, Rights::ALL, none, none, quota, ticket);
             }
             Err(status) => {
                 tracing::warn!("refusing a connection: {}", status.message);

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use flower_proto::Labels;
-use flower_proto::resolver::Target;
+use flower_proto::resolver::Candidate;
 use flower_proto::rpc::Peer;
 
 use crate::directory::{Directory, Lookup, TargetId};
@@ -43,7 +43,7 @@ pub(crate) struct Resolver {
 }
 
 /// A cached answer and when it expires.
-type Answer = (Arc<[Target]>, Instant);
+type Answer = (Arc<[Candidate]>, Instant);
 
 impl Resolver {
     pub fn new(peer: Peer, keys: Arc<[String]>, out_labels: Labels) -> Resolver {
@@ -64,13 +64,13 @@ impl Resolver {
             .collect()
     }
 
-    pub fn cached(&self, request: &Labels) -> Option<Arc<[Target]>> {
+    pub fn cached(&self, request: &Labels) -> Option<Arc<[Candidate]>> {
         let cache = self.cache.lock().unwrap();
         let (targets, expiry) = cache.get(request)?;
         (Instant::now() < *expiry).then(|| targets.clone())
     }
 
-    pub fn remember(&self, request: Labels, targets: Arc<[Target]>, seconds: u32) {
+    pub fn remember(&self, request: Labels, targets: Arc<[Candidate]>, seconds: u32) {
         let lifetime = Duration::from_secs(seconds.into()).min(MAX_CACHE);
         if lifetime.is_zero() {
             return;
@@ -149,7 +149,7 @@ impl Resolvers {
 /// The order in which to try `targets`: positive weights in a weighted random order
 /// (each pick proportional to weight among those left), then zero weights as listed.
 /// At most [`MAX_ATTEMPTS`] entries.
-pub fn attempt_order(targets: &[Target], rng: &mut fastrand::Rng) -> Vec<usize> {
+pub fn attempt_order(targets: &[Candidate], rng: &mut fastrand::Rng) -> Vec<usize> {
     let mut weighted: Vec<usize> = (0..targets.len())
         .filter(|&i| targets[i].weight > 0)
         .collect();
@@ -185,8 +185,8 @@ pub fn attempt_order(targets: &[Target], rng: &mut fastrand::Rng) -> Vec<usize> 
 mod tests {
     use super::*;
 
-    fn target(weight: u32) -> Target {
-        Target {
+    fn target(weight: u32) -> Candidate {
+        Candidate {
             out_labels: Labels::new(),
             weight,
         }
@@ -217,7 +217,7 @@ mod tests {
 
     #[test]
     fn caps_attempts() {
-        let targets: Vec<Target> = (0..40).map(|i| target(i % 2)).collect();
+        let targets: Vec<Candidate> = (0..40).map(|i| target(i % 2)).collect();
         let order = attempt_order(&targets, &mut fastrand::Rng::with_seed(3));
         assert_eq!(order.len(), MAX_ATTEMPTS);
         assert!(order.iter().all(|&i| targets[i].weight == 1));

@@ -4,7 +4,7 @@
 //! `ListenSequentialPacket=`).
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 
@@ -59,19 +59,12 @@ pub fn activated_listener() -> io::Result<Option<OwnedFd>> {
         }
     }
     // A wrong LISTEN_FDS must not make us own (and later close) a descriptor that
-    // is not open.
-    nix::fcntl::fcntl(LISTEN_FDS_START, nix::fcntl::FcntlArg::F_GETFD).map_err(|e| {
+    // is not open, or is not ours to use: the shared claim checks both.
+    let fd = flower_proto::transport::claim_inherited(LISTEN_FDS_START).map_err(|e| {
         io::Error::other(format!(
-            "LISTEN_FDS=1 but descriptor {LISTEN_FDS_START} is not open: {e}"
+            "LISTEN_FDS=1 but {e} (use ListenSequentialPacket=)"
         ))
     })?;
-    // SAFETY: by the protocol, descriptor 3 was passed to this process (it is open,
-    // checked above) and nothing else in it has claimed it.
-    let fd = unsafe { OwnedFd::from_raw_fd(LISTEN_FDS_START) };
-    nix::fcntl::fcntl(
-        fd.as_raw_fd(),
-        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-    )?;
     let listening = getsockopt(&fd, sockopt::AcceptConn).unwrap_or(false);
     let seqpacket = getsockopt(&fd, sockopt::SockType).is_ok_and(|t| t == SockType::SeqPacket);
     if !(listening && seqpacket) {

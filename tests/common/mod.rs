@@ -96,12 +96,7 @@ impl Daemon {
 
     /// Sends SIGTERM and returns the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.pid() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        wait_child(&mut self.child)
+        terminate(&mut self.child)
     }
 }
 
@@ -147,16 +142,32 @@ pub async fn wait_until_async<F: Future<Output = bool>>(
 }
 
 fn connectable(path: &Path) -> bool {
-    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, connect, socket};
+    use nix::sys::socket::{UnixAddr, connect};
     use std::os::fd::AsRawFd;
-    let fd = socket(
+    let fd = seqpacket();
+    UnixAddr::new(path).is_ok_and(|addr| connect(fd.as_raw_fd(), &addr).is_ok())
+}
+
+/// A new, unconnected SOCK_SEQPACKET socket (close-on-exec).
+pub fn seqpacket() -> OwnedFd {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
+    socket(
         AddressFamily::Unix,
         SockType::SeqPacket,
         SockFlag::SOCK_CLOEXEC,
         None,
     )
+    .unwrap()
+}
+
+/// Sends SIGTERM to `child` and returns its exit status.
+pub fn terminate(child: &mut Child) -> std::process::ExitStatus {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
     .unwrap();
-    UnixAddr::new(path).is_ok_and(|addr| connect(fd.as_raw_fd(), &addr).is_ok())
+    wait_child(child)
 }
 
 pub fn fd_count(pid: u32) -> usize {
