@@ -9,9 +9,7 @@ use flower_switchboard::labels::{
 };
 use libfuzzer_sys::fuzz_target;
 
-#[allow(dead_code)]
-#[path = "../../src/args.rs"]
-mod args;
+use flower_tools::args;
 
 /// Two label sets from the fuzzer's words: before and after a `\x01` word.
 fn sets(words: &[String]) -> (Labels, Labels) {
