@@ -98,6 +98,10 @@ enum Command {
         /// (a new connection over it is refused with RESOURCE_EXHAUSTED).
         #[arg(long, value_name = "N", default_value_t = 16_384)]
         max_handles_per_uid: usize,
+        /// Calls in flight across all the channels of one uid (or one
+        /// embedder-made handle); past it their channels wait (backpressure).
+        #[arg(long, value_name = "N", default_value_t = 1_024)]
+        max_calls_per_uid: usize,
         /// Handles and registrations one embedder-made handle (one per pod) and
         /// everything derived from it may hold.
         #[arg(long, value_name = "N", default_value_t = 1_024)]
@@ -398,6 +402,7 @@ async fn run(
             max_calls_in_flight,
             send_timeout,
             max_handles_per_uid,
+            max_calls_per_uid,
             max_handles_per_endpoint,
             reserve_descriptors,
             nofile,
@@ -419,6 +424,7 @@ async fn run(
                 },
                 max_handles_per_uid,
                 max_handles_per_endpoint,
+                max_calls_per_uid,
                 reserve_descriptors,
             };
             let pods = match (pods_socket, pods_dir) {

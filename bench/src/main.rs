@@ -72,6 +72,18 @@ enum Command {
         /// Seconds the hostile stage lasts.
         #[arg(long, default_value_t = 60)]
         seconds: u64,
+        /// Run the hostile clients as this uid (as root), so that the per-uid
+        /// limits apply to them and not to the bystander.
+        #[arg(long)]
+        hostile_uid: Option<u32>,
+    },
+    #[command(hide = true)]
+    SoakAttacker {
+        path: PathBuf,
+        #[arg(long)]
+        threads: usize,
+        #[arg(long)]
+        seconds: u64,
     },
 
     // Helper processes, started by the commands above.
@@ -349,6 +361,7 @@ fn run(command: Command) -> Result<()> {
             soak_clients,
             hostile,
             seconds,
+            hostile_uid,
         } => {
             let ctx = procs::Ctx::new(opts.flower.clone(), opts.daemon_workers)?;
             machine();
@@ -359,9 +372,15 @@ fn run(command: Command) -> Result<()> {
                     clients: soak_clients,
                     hostile,
                     seconds,
+                    hostile_uid,
                 },
             )?;
         }
+        Command::SoakAttacker {
+            path,
+            threads,
+            seconds,
+        } => soak::attacker_main(&path, threads, seconds)?,
         Command::FloorBroker { path } => floor::broker_main(&path)?,
         Command::FloorServer { path } => floor::server_main(&path)?,
         Command::BlockingServer { path, label } => {

@@ -32,6 +32,40 @@ pub struct SoakOpts {
     pub clients: usize,
     pub hostile: usize,
     pub seconds: u64,
+    /// Run the hostile clients as this uid, in a helper process (needs root).
+    pub hostile_uid: Option<u32>,
+}
+
+/// Runs `threads` attackers against `path` for `seconds`; returns the attacks made.
+fn attack_for(path: &Path, threads: usize, seconds: u64) -> u64 {
+    let stop = Arc::new(AtomicBool::new(false));
+    let attacks = Arc::new(AtomicU64::new(0));
+    let workers: Vec<_> = (0..threads)
+        .map(|i| {
+            let (path, stop, attacks) = (path.to_owned(), stop.clone(), attacks.clone());
+            std::thread::spawn(move || {
+                let mut n = i as u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = attack(&path, n);
+                    n += 1;
+                    attacks.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(seconds));
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        let _ = w.join();
+    }
+    attacks.load(Ordering::Relaxed)
+}
+
+/// `flower-bench soak-attacker`: [`attack_for`], then prints `attacks N`.
+pub fn attacker_main(path: &Path, threads: usize, seconds: u64) -> Result<()> {
+    println!("ready");
+    println!("attacks {}", attack_for(path, threads, seconds));
+    Ok(())
 }
 
 fn fds(pid: u32) -> usize {
@@ -151,7 +185,22 @@ fn attack(path: &Path, n: u64) -> Result<()> {
 }
 
 pub fn soak_bench(ctx: &Ctx, o: &SoakOpts) -> Result<()> {
-    let (daemon, path) = ctx.switchboard(false)?;
+    let (daemon, path) = match o.hostile_uid {
+        None => ctx.switchboard(false)?,
+        // Another uid must be able to reach the socket.
+        Some(_) => {
+            let path = ctx.path("switchboard");
+            let child = std::process::Command::new(&ctx.flower)
+                .arg("switchboard")
+                .arg(&path)
+                .args(["--mode", "0666"])
+                .env("RUST_LOG", "error")
+                .stdin(std::process::Stdio::null())
+                .spawn()?;
+            crate::procs::wait_connectable(&path)?;
+            (crate::procs::Proc::new("switchboard", child), path)
+        }
+    };
     let pid = daemon.pid();
     let labels: Labels = [("app".to_owned(), "soak".to_owned())].into();
     let (_server, _) = ctx.start_helper(
@@ -214,22 +263,42 @@ pub fn soak_bench(ctx: &Ctx, o: &SoakOpts) -> Result<()> {
 
     // Hostile clients and a bystander.
     let stop = Arc::new(AtomicBool::new(false));
-    let attacks = Arc::new(AtomicU64::new(0));
     let mut peak_fds = 0;
     let mut peak_rss = 0;
-    let attackers: Vec<_> = (0..o.hostile)
-        .map(|i| {
-            let (path, stop, attacks) = (path.clone(), stop.clone(), attacks.clone());
+    let (hostile, seconds) = (o.hostile, o.seconds);
+    let attackers: std::thread::JoinHandle<Result<u64>> = match o.hostile_uid {
+        None => {
+            let path = path.clone();
+            std::thread::spawn(move || Ok(attack_for(&path, hostile, seconds)))
+        }
+        Some(uid) => {
+            use std::os::unix::process::CommandExt;
+            let mut cmd = ctx.helper(
+                &[
+                    "soak-attacker",
+                    path.to_str().unwrap(),
+                    "--threads",
+                    &hostile.to_string(),
+                    "--seconds",
+                    &seconds.to_string(),
+                ],
+                false,
+            );
+            cmd.uid(uid)
+                .gid(uid)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped());
+            let mut proc = crate::procs::Proc::new("attacker", cmd.spawn()?);
+            proc.read_ready()?;
             std::thread::spawn(move || {
-                let mut n = i as u64;
-                while !stop.load(Ordering::Relaxed) {
-                    let _ = attack(&path, n);
-                    n += 1;
-                    attacks.fetch_add(1, Ordering::Relaxed);
-                }
+                let line = proc.read_line()?;
+                Ok(line
+                    .strip_prefix("attacks ")
+                    .and_then(|n| n.trim().parse().ok())
+                    .unwrap_or(0))
             })
-        })
-        .collect();
+        }
+    };
     let bystander = {
         let (path, labels, stop) = (path.clone(), labels.clone(), stop.clone());
         std::thread::spawn(move || -> (u64, u64, Duration) {
@@ -265,17 +334,16 @@ pub fn soak_bench(ctx: &Ctx, o: &SoakOpts) -> Result<()> {
         peak_rss = peak_rss.max(rss_kib(pid));
         std::thread::sleep(Duration::from_millis(100));
     }
+    let attacks = attackers.join().expect("attackers")?;
     stop.store(true, Ordering::Relaxed);
-    for a in attackers {
-        let _ = a.join();
-    }
     let (ok, failed, worst) = bystander.join().expect("bystander");
     t.row(&[
         "attack (peak)".into(),
         format!(
-            "{} hostile threads, {} attacks in {} s; bystander {} connects, {} failed, worst {:.1} ms",
+            "{} hostile threads{}, {} attacks in {} s; bystander {} connects, {} failed, worst {:.1} ms",
             o.hostile,
-            attacks.load(Ordering::Relaxed),
+            o.hostile_uid.map(|u| format!(" as uid {u}")).unwrap_or_default(),
+            attacks,
             o.seconds,
             ok,
             failed,
@@ -285,10 +353,22 @@ pub fn soak_bench(ctx: &Ctx, o: &SoakOpts) -> Result<()> {
         peak_rss.to_string(),
     ]);
     // Cut-off silent peers and freed replies take up to the send timeout (10 s).
-    let settle = Instant::now() + Duration::from_secs(15);
+    let began = Instant::now();
+    let settle = began + Duration::from_secs(60);
+    let mut said = Instant::now();
     while Instant::now() < settle && fds(pid) > fd0 {
+        if said.elapsed() >= Duration::from_secs(5) {
+            eprintln!(
+                "settling: {} descriptors, {} KiB after {:?}",
+                fds(pid),
+                rss_kib(pid),
+                began.elapsed()
+            );
+            said = Instant::now();
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
+    eprintln!("settled after {:?}", began.elapsed());
     t.row(&[
         "after".into(),
         "attackers gone, settled".into(),

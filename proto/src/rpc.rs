@@ -254,6 +254,8 @@ struct Shared {
     calls: Semaphore,
     limits: Limits,
     charge: Option<Arc<dyn Charge>>,
+    /// Calls in flight shared with other channels (the switchboard: per uid).
+    group_calls: Option<Arc<Semaphore>>,
     on_close: Mutex<OnClose>,
     /// Callers read the channel themselves (no reader task), holding `read_lock`.
     direct: bool,
@@ -443,7 +445,7 @@ impl Peer {
         limits: Limits,
         charge: Option<Arc<dyn Charge>>,
     ) -> Peer {
-        let shared = start_reader(channel, service, parent, limits, charge);
+        let shared = start_reader(channel, service, parent, limits, charge, None);
         Peer {
             owner: Arc::new(Owner { shared }),
         }
@@ -455,21 +457,24 @@ impl Peer {
     pub fn client(channel: Channel) -> Peer {
         Peer {
             owner: Arc::new(Owner {
-                shared: new_shared(channel, true, Limits::default(), None),
+                shared: new_shared(channel, true, Limits::default(), None, None),
             }),
         }
     }
 
     /// Serves `service` on `channel` with no calling side and no owner: the channel
-    /// lives until the other end closes it or `parent` is cancelled.
+    /// lives until the other end closes it or `parent` is cancelled. With
+    /// `group_calls`, each call also holds a permit of that semaphore, shared with
+    /// other channels (one uid's), while it is served.
     pub fn serve(
         channel: Channel,
         service: Arc<dyn Service>,
         parent: &CancellationToken,
         limits: Limits,
         charge: Option<Arc<dyn Charge>>,
+        group_calls: Option<Arc<Semaphore>>,
     ) {
-        start_reader(channel, Some(service), parent, limits, charge);
+        start_reader(channel, Some(service), parent, limits, charge, group_calls);
     }
 
     /// Answers the first call on `channel` with `status` and closes it; closes it
@@ -679,8 +684,9 @@ fn start_reader(
     parent: &CancellationToken,
     limits: Limits,
     charge: Option<Arc<dyn Charge>>,
+    group_calls: Option<Arc<Semaphore>>,
 ) -> Arc<Shared> {
-    let shared = new_shared(channel, false, limits, charge);
+    let shared = new_shared(channel, false, limits, charge, group_calls);
     tokio::spawn(read_loop(shared.clone(), service, parent.clone()));
     shared
 }
@@ -690,6 +696,7 @@ fn new_shared(
     direct: bool,
     limits: Limits,
     charge: Option<Arc<dyn Charge>>,
+    group_calls: Option<Arc<Semaphore>>,
 ) -> Arc<Shared> {
     Arc::new(Shared {
         channel,
@@ -699,18 +706,23 @@ fn new_shared(
         calls: Semaphore::new(limits.calls_in_flight.max(1)),
         limits,
         charge,
+        group_calls,
         on_close: Mutex::new(OnClose::Pending(None)),
         direct,
         read_lock: tokio::sync::Mutex::new(()),
     })
 }
 
-/// An incoming call's place among the [`Limits::calls_in_flight`]; freed on drop.
-struct CallSlot(Arc<Shared>);
+/// An incoming call's place among the [`Limits::calls_in_flight`], and among its
+/// group's if the channel is in one; freed on drop.
+struct CallSlot {
+    shared: Arc<Shared>,
+    _group: Option<tokio::sync::OwnedSemaphorePermit>,
+}
 
 impl Drop for CallSlot {
     fn drop(&mut self) {
-        self.0.calls.add_permits(1);
+        self.shared.calls.add_permits(1);
     }
 }
 
@@ -772,7 +784,25 @@ async fn read_frames(
                     () = shared.states.closed_or_draining() => break,
                     () = parent.cancelled() => break,
                 };
-                let slot = CallSlot(shared.clone());
+                // And a place among the group's, if the channel is in one.
+                let group = match &shared.group_calls {
+                    None => None,
+                    Some(group) => tokio::select! {
+                        p = group.clone().acquire_owned() => Some(p.expect("semaphore never closed")),
+                        () = shared.states.closed_or_draining() => {
+                            shared.calls.add_permits(1);
+                            break;
+                        }
+                        () = parent.cancelled() => {
+                            shared.calls.add_permits(1);
+                            break;
+                        }
+                    },
+                };
+                let slot = CallSlot {
+                    shared: shared.clone(),
+                    _group: group,
+                };
                 let id = call.id;
                 let request = Request {
                     method: call.method,

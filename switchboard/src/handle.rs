@@ -231,12 +231,14 @@ impl Handle {
         let scope = self.scope.clone();
         let limits = self.shared.config.channel;
         let charge = self.quota.clone();
+        let calls = self.quota.calls.clone();
         Peer::serve(
             channel,
             Arc::new(rpc::Serve(self)),
             &scope,
             limits,
             Some(charge),
+            calls,
         );
     }
 

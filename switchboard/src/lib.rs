@@ -64,6 +64,10 @@ pub struct Config {
     /// Handles and registrations derived from one handle an embedder made
     /// ([`Switchboard::new_handle`], one per pod).
     pub max_handles_per_endpoint: usize,
+    /// Calls in flight across all the channels of one uid (or one embedder-made
+    /// endpoint); past it the switchboard stops reading their channels until calls
+    /// finish, so one uid's flood cannot crowd out everyone else's calls.
+    pub max_calls_per_uid: usize,
     /// Descriptors kept free for accepting, for refusing clearly, and for the calls
     /// in flight; handles and registrations may use the rest of `RLIMIT_NOFILE`. At
     /// most a quarter of the limit is reserved.
@@ -78,6 +82,7 @@ impl Default for Config {
             channel: Limits::default(),
             max_handles_per_uid: 16_384,
             max_handles_per_endpoint: 1_024,
+            max_calls_per_uid: 1_024,
             reserve_descriptors: 256,
         }
     }
@@ -279,13 +284,14 @@ impl Switchboard {
                 .map_err(|status| io::Error::new(io::ErrorKind::InvalidInput, status.message))?;
         }
         let limit = self.shared.config.max_handles_per_endpoint;
-        let quota = Quota::new(
+        let quota = Quota::with_calls(
             limit,
             format!(
                 "This endpoint holds {limit} handles and registrations, the most one may \
                  (--max-handles-per-endpoint)"
             ),
             Some(self.shared.budget.clone()),
+            Some(self.shared.config.max_calls_per_uid),
         );
         let ticket = quota
             .acquire()
@@ -385,10 +391,12 @@ impl Switchboard {
             .map_err(|e| Status::internal(format!("Cannot tell who connected: {e}")))
             .and_then(|cred| {
                 let uid = cred.uid.as_raw();
-                let quota =
-                    shared
-                        .uid_quotas
-                        .get(uid, shared.config.max_handles_per_uid, &shared.budget);
+                let quota = shared.uid_quotas.get(
+                    uid,
+                    shared.config.max_handles_per_uid,
+                    shared.config.max_calls_per_uid,
+                    &shared.budget,
+                );
                 let ticket = quota.acquire()?;
                 Ok((quota, ticket))
             });

@@ -19,15 +19,28 @@ pub(crate) struct Quota {
     /// The error when full.
     full: String,
     parent: Option<Arc<Quota>>,
+    /// Calls in flight across every channel charged here (None: per channel only).
+    pub calls: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl Quota {
     pub fn new(limit: usize, full: String, parent: Option<Arc<Quota>>) -> Arc<Quota> {
+        Quota::with_calls(limit, full, parent, None)
+    }
+
+    /// A quota whose channels also share `calls` calls in flight.
+    pub fn with_calls(
+        limit: usize,
+        full: String,
+        parent: Option<Arc<Quota>>,
+        calls: Option<usize>,
+    ) -> Arc<Quota> {
         Arc::new(Quota {
             used: AtomicUsize::new(0),
             limit,
             full,
             parent,
+            calls: calls.map(|n| Arc::new(tokio::sync::Semaphore::new(n.max(1)))),
         })
     }
 
@@ -107,19 +120,20 @@ pub(crate) struct UidQuotas {
 }
 
 impl UidQuotas {
-    pub fn get(&self, uid: u32, limit: usize, budget: &Arc<Quota>) -> Arc<Quota> {
+    pub fn get(&self, uid: u32, limit: usize, calls: usize, budget: &Arc<Quota>) -> Arc<Quota> {
         let mut map = self.by_uid.lock().unwrap();
         if let Some(quota) = map.get(&uid).and_then(Weak::upgrade) {
             return quota;
         }
         map.retain(|_, q| q.strong_count() > 0);
-        let quota = Quota::new(
+        let quota = Quota::with_calls(
             limit,
             format!(
                 "Uid {uid} holds {limit} handles and registrations, the most one uid may \
                  (--max-handles-per-uid)"
             ),
             Some(budget.clone()),
+            Some(calls),
         );
         map.insert(uid, Arc::downgrade(&quota));
         quota

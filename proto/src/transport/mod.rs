@@ -15,7 +15,7 @@ pub use sys::{
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use nix::sys::socket;
@@ -28,8 +28,6 @@ pub struct Channel {
     fd: AsyncFd<OwnedFd>,
     /// The second datagram of a two-datagram `recvmmsg`, returned by the next `recv`.
     spare: Mutex<Option<Box<Received>>>,
-    /// Registered for writing while some send waits for room.
-    writer: Mutex<Option<Arc<AsyncFd<OwnedFd>>>>,
 }
 
 impl Channel {
@@ -46,7 +44,6 @@ impl Channel {
             // Readable only: see `Channel::send_inner` for how writing waits.
             fd: sys::register(fd, Interest::READABLE)?,
             spare: Mutex::new(None),
-            writer: Mutex::new(None),
         })
     }
 
@@ -114,47 +111,29 @@ impl Channel {
         }
         // The peer's queue is full (rare). The channel is registered for reading
         // only — otherwise every read by the peer would wake this process with a
-        // writable event nobody waits for — so wait for room on a duplicate that is
-        // registered for writing just for as long as someone waits. One duplicate
-        // per channel however many sends wait: a peer that stops reading must not
-        // multiply our descriptors.
-        let writer = WriterGuard {
-            channel: self,
-            writer: Some(self.writer()?),
-        };
-        let registered = writer.writer.as_ref().expect("set above");
-        let wait = registered.async_io(Interest::WRITABLE, |fd| send_on(fd.as_raw_fd()));
-        match patience {
-            None => wait.await,
-            Some(patience) => tokio::time::timeout(patience, wait)
-                .await
-                .unwrap_or_else(|_| {
-                    Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!("the peer has not read for {patience:?}"),
-                    ))
-                }),
-        }
-    }
-
-    /// The channel's write registration, made by the first sender that waits.
-    fn writer(&self) -> io::Result<Arc<AsyncFd<OwnedFd>>> {
-        let mut slot = self.writer.lock().unwrap();
-        if let Some(writer) = &*slot {
-            return Ok(writer.clone());
-        }
-        let dup = self.fd.get_ref().try_clone()?;
-        let writer = Arc::new(sys::register(dup, Interest::WRITABLE)?);
-        *slot = Some(writer.clone());
-        Ok(writer)
-    }
-
-    /// Drops the write registration once its last waiter is done.
-    fn release_writer(&self, writer: Arc<AsyncFd<OwnedFd>>) {
-        let mut slot = self.writer.lock().unwrap();
-        // Ours and the slot's: nobody else waits.
-        if Arc::strong_count(&writer) == 2 {
-            *slot = None;
+        // writable event nobody waits for — and a descriptor registered for writing
+        // per waiting channel would let peers that stop reading double our
+        // descriptors. So retry on a timer instead: 1 ms, doubling to 16 ms.
+        let deadline = patience.map(|p| tokio::time::Instant::now() + p);
+        let mut pause = Duration::from_millis(1);
+        loop {
+            if let Some(deadline) = deadline
+                && tokio::time::Instant::now() >= deadline
+            {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "the peer has not read for {:?}",
+                        patience.unwrap_or_default()
+                    ),
+                ));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(16));
+            match send_on(self.fd.get_ref().as_raw_fd()) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                done => return done,
+            }
         }
     }
 
@@ -208,21 +187,6 @@ impl Channel {
 
     pub fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.get_ref().as_fd()
-    }
-}
-
-/// A waiting sender's share of the write registration; the last one to finish (or
-/// be cancelled) drops it.
-struct WriterGuard<'a> {
-    channel: &'a Channel,
-    writer: Option<Arc<AsyncFd<OwnedFd>>>,
-}
-
-impl Drop for WriterGuard<'_> {
-    fn drop(&mut self) {
-        if let Some(writer) = self.writer.take() {
-            self.channel.release_writer(writer);
-        }
     }
 }
 
