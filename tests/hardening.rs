@@ -242,6 +242,23 @@ async fn egress_unix_paths_cannot_be_swapped_out_of_the_prefix() {
 // ---- descriptors and memory a client may pin ----
 
 const NOBODY: u32 = 65_534;
+
+/// A command that starts `program` as `uid` even when the directories above it (a
+/// 0700 checkout or temp dir) are closed to that uid: it is executed through
+/// `/proc/self/fd/N` of a descriptor opened here, so no directory is searched. Keep
+/// the returned file until the child has started.
+fn command_as(
+    program: &std::path::Path,
+    name: &str,
+    uid: u32,
+) -> (Option<std::fs::File>, std::process::Command) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let file = std::fs::File::open(program).expect("open the program");
+    let mut command = std::process::Command::new(format!("/proc/self/fd/{}", file.as_raw_fd()));
+    command.arg0(name).uid(uid).gid(uid);
+    (Some(file), command)
+}
 const ATTACK_ENV: &str = "FLOWER_HARDENING_ATTACK";
 
 fn is_root() -> bool {
@@ -262,12 +279,14 @@ fn rss_kib(pid: u32) -> usize {
 /// flags, on a socket anyone may connect to.
 fn daemon_as(uid: Option<u32>, extra: &[&str]) -> Daemon {
     use std::os::unix::fs::PermissionsExt;
-    use std::os::unix::process::CommandExt;
     raise_nofile_limit();
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
     let path = dir.path().join("switchboard");
-    let mut command = std::process::Command::new(FLOWER);
+    let (_program, mut command) = match uid.filter(|_| is_root()) {
+        Some(uid) => command_as(std::path::Path::new(FLOWER), "flower", uid),
+        None => (None, std::process::Command::new(FLOWER)),
+    };
     command
         .arg("switchboard")
         .arg(&path)
@@ -275,9 +294,6 @@ fn daemon_as(uid: Option<u32>, extra: &[&str]) -> Daemon {
         .args(extra)
         .env("RUST_LOG", "error")
         .stdin(std::process::Stdio::null());
-    if let Some(uid) = uid.filter(|_| is_root()) {
-        command.uid(uid).gid(uid);
-    }
     let child = command.spawn().expect("start flower switchboard");
     let daemon = Daemon { child, path, dir };
     wait_until("switchboard socket", || daemon.path.exists());
@@ -329,7 +345,6 @@ fn attacker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exhausting_descriptors_hurts_only_the_attacker() {
     use std::io::BufRead;
-    use std::os::unix::process::CommandExt;
     let daemon = daemon_as(
         None,
         &[
@@ -349,14 +364,15 @@ async fn exhausting_descriptors_hurts_only_the_attacker() {
     tokio::spawn(async move { while server.accept().await.is_some() {} });
     let baseline = daemon.baseline(&bystander).await;
 
-    let mut attack = std::process::Command::new(std::env::current_exe().unwrap());
+    let this = std::env::current_exe().unwrap();
+    let (_program, mut attack) = match is_root() {
+        true => command_as(&this, "hardening", NOBODY),
+        false => (None, std::process::Command::new(&this)),
+    };
     attack
         .args(["--ignored", "--exact", "attacker", "--nocapture", "-q"])
         .env(ATTACK_ENV, &daemon.path)
         .stdout(std::process::Stdio::piped());
-    if is_root() {
-        attack.uid(NOBODY).gid(NOBODY);
-    }
     let mut attacker = Tool(attack.spawn().unwrap());
     let stdout = attacker.0.stdout.take().unwrap();
     let refused = tokio::task::spawn_blocking(move || {
