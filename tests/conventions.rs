@@ -51,7 +51,9 @@ fn script(daemon: &Daemon, body: &str) -> Output {
         bin.display(),
         std::env::var("PATH").unwrap_or_default()
     );
+    use std::os::unix::process::CommandExt;
     let mut child = Command::new("bash")
+        .process_group(0)
         .args(["-euo", "pipefail", "-c", body])
         .env("PATH", path)
         .env("FLOWER_SWITCHBOARD", &daemon.path)
@@ -66,12 +68,20 @@ fn script(daemon: &Daemon, body: &str) -> Output {
     let deadline = Instant::now() + 3 * PATIENCE;
     while child.try_wait().unwrap().is_none() {
         if Instant::now() > deadline {
-            let _ = child.kill();
+            kill_group(&child);
             panic!("script did not finish: {body}");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    // Whatever the script left running would hold its output open forever.
+    kill_group(&child);
     finish(child)
+}
+
+/// Kills the script's process group: the script and everything it started.
+fn kill_group(child: &std::process::Child) {
+    let group = nix::unistd::Pid::from_raw(-(child.id() as i32));
+    let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGKILL);
 }
 
 /// A SEQPACKET socket that accepts connections and never answers a call.
@@ -165,17 +175,19 @@ fn scripts_can_wait_for_a_server_instead_of_racing_it() {
     // --ready-fd: one line once registered (cat -l) or listening (ingress).
     let out = script(
         &daemon,
-        r#"mkfifo ready
-           echo served | flower cat -l --ready-fd 3 app=y 3>ready 2>/dev/null &
-           read -r line <ready; echo "ready: $line"
+        // One FIFO per step: a reader that reopened the previous step's FIFO could
+        // meet that step's writer just before it closes, and read end of file.
+        r#"mkfifo ready1 ready2 ready3 ready4
+           echo served | flower cat -l --ready-fd 3 app=y 3>ready1 2>/dev/null &
+           read -r line <ready1; echo "ready: $line"
            flower cat app=y 2>/dev/null </dev/null
            wait
-           flower ingress accept --ready-fd 3 127.0.0.1:0 app=y 3>ready &
-           read -r address <ready; echo "ingress: $address"
-           flower egress connect --ready-fd 3 net=out 3>ready &
-           read -r line <ready; echo "egress: $line"
-           flower egress resolve --ready-fd 3 net=out 3>ready &
-           read -r line <ready; echo "resolver: $line"
+           flower ingress accept --ready-fd 3 127.0.0.1:0 app=y 3>ready2 &
+           read -r address <ready2; echo "ingress: $address"
+           flower egress connect --ready-fd 3 net=out 3>ready3 &
+           read -r line <ready3; echo "egress: $line"
+           flower egress resolve --ready-fd 3 net=out 3>ready4 &
+           read -r line <ready4; echo "resolver: $line"
            kill $(jobs -p); wait || true"#,
     );
     let stdout = text(&out.stdout);
