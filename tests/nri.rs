@@ -560,9 +560,15 @@ async fn a_pod_api_that_hangs_costs_at_most_the_budget() {
     let took = started.elapsed();
     eprintln!("RunPodSandbox with a hanging pod API: answered in {took:?}");
     assert!(
-        took >= Duration::from_millis(900) && took < Duration::from_millis(1500),
+        // The budget is 1 s; the runtime's own timeout, 2 s, is the contract.
+        took >= Duration::from_millis(900) && took < Duration::from_millis(2000),
         "{took:?}"
     );
+    // The log is read by another thread: give it a moment under load.
+    wait_until_async("the plugin's log line", || async {
+        !nri.lines_with("pod shop/stuck not registered").is_empty()
+    })
+    .await;
     let lines = nri.lines_with("pod shop/stuck not registered");
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert!(lines[0].contains("failed (timed out)"), "{}", lines[0]);
