@@ -33,12 +33,7 @@ pub async fn ls(
 ) -> Result<()> {
     let targets = bounded(wait, "listing the targets", async {
         let handle = Switchboard::connect_as(path, &[Right::List], labels).await?;
-        let mut stream = handle.list(&Labels::new()).await?;
-        let mut targets = Vec::new();
-        while let Some(target) = stream.next().await {
-            targets.push(target?);
-        }
-        Ok(targets)
+        list_all(&handle).await
     })
     .await?;
     tracing::debug!(?labels, count = targets.len(), "listed");
@@ -63,6 +58,16 @@ pub async fn ls(
     }
 }
 
+/// Every target the handle may list (its out-labels apply), oldest first.
+async fn list_all(handle: &Switchboard) -> Result<Vec<Labels>> {
+    let mut stream = handle.list(&Labels::new()).await?;
+    let mut targets = Vec::new();
+    while let Some(target) = stream.next().await {
+        targets.push(target?);
+    }
+    Ok(targets)
+}
+
 /// How often `--watch` lists again.
 const WATCH_POLL: Duration = Duration::from_millis(100);
 
@@ -83,15 +88,7 @@ pub async fn watch(
     .await?;
     let mut known: Vec<Labels> = Vec::new();
     loop {
-        let now = bounded(wait, "listing the targets", async {
-            let mut stream = handle.list(&Labels::new()).await?;
-            let mut targets = Vec::new();
-            while let Some(target) = stream.next().await {
-                targets.push(target?);
-            }
-            Ok(targets)
-        })
-        .await?;
+        let now = bounded(wait, "listing the targets", list_all(&handle)).await?;
         let removed = known
             .iter()
             .filter(|t| !now.contains(t))
