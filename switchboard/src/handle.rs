@@ -171,6 +171,7 @@ impl rpc::Switchboard for Handle {
         keys.dedup();
         let in_labels = merge_fixed(&self.in_labels, &req.in_labels, "In")?;
         let out_labels = merge_fixed(&self.out_labels, &req.out_labels, "Out")?;
+        let counted = self.quota.target()?;
         let (peer, theirs, ticket) = self.registration_channel()?;
         let keys: Arc<[String]> = keys.into();
         let resolver = Arc::new(Resolver::new(peer.clone(), keys.clone(), out_labels));
@@ -189,6 +190,7 @@ impl rpc::Switchboard for Handle {
         peer.on_close(move || {
             shared.resolvers.lock().unwrap().remove(&keys, id);
             drop(ticket);
+            drop(counted);
             tracing::debug!(id, "resolver removed");
         });
         let mut fds = OutFds::new();
@@ -261,6 +263,7 @@ impl Handle {
                 MAX_LIST_LABELS
             )));
         }
+        let target_ticket = self.quota.target()?;
         let (peer, theirs, ticket) = self.registration_channel()?;
         let entry = Registrant {
             kind,
@@ -284,6 +287,7 @@ impl Handle {
             shared.directory.lock().unwrap().remove(id);
             drop(counted);
             drop(ticket);
+            drop(target_ticket);
             tracing::debug!(id, "target removed");
         });
         let mut fds = OutFds::new();
