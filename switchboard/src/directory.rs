@@ -1,4 +1,4 @@
-//! The target directory and its index (DESIGN §3).
+//! The target directory and its index (docs/PROTOCOL.md §6, "Lookup").
 //!
 //! Targets are grouped by their *key set*. Within a group, a lookup with labels `L`
 //! constrains exactly the group keys that `L` also has (the *projection*), and a

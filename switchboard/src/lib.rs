@@ -46,7 +46,7 @@ use quota::{Quota, Ticket, UidQuotas};
 pub use rights::Rights;
 
 /// Tunables of a switchboard, most of them limits on what one peer may cost
-/// (DESIGN §10; each is listed in docs/PROTOCOL.md with its `flower switchboard` flag).
+/// (each is listed in docs/PROTOCOL.md §10 with its `flower switchboard` flag).
 #[derive(Debug, Clone)]
 pub struct Config {
     /// How long a registrant may take to answer `Server.Connect`, `Egress.Connect` or

@@ -1,4 +1,4 @@
-//! What one peer may hold (DESIGN §10): every handle and every registration is a
+//! What one peer may hold (docs/PROTOCOL.md §10): every handle and every registration is a
 //! descriptor the switchboard keeps open, so each is charged to a [`Quota`] while it
 //! lives — the connecting uid's on the main path, or the endpoint's for a handle an
 //! embedder made (one per pod) — and to the switchboard's descriptor budget, which

@@ -74,7 +74,7 @@ async fn empty_label_keys_are_refused() {
     assert_eq!(err.to_string(), "Label keys must not be empty");
 }
 
-/// Bounded targets per scope (DESIGN §10): one pod's handles, however derived, may
+/// Bounded targets per scope (docs/PROTOCOL.md §10): one pod's handles, however derived, may
 /// have at most `max_targets_per_endpoint` targets and resolvers at once; one that
 /// goes away makes room; another pod is not affected.
 #[tokio::test]
