@@ -7,7 +7,8 @@
 //! * `{app, pod, zone}`: every tenth target (`i % 10 == 9`), with `zone = zone-{i % 3}`.
 //!
 //! `APPS` is 100, capped at N / 2 so that an `app`-only lookup is ambiguous even at
-//! N = 10. Every lookup probes both groups.
+//! N = 10. Both groups have `app` and `pod`, so a lookup probes the groups carrying its
+//! rarest pair (one group by `pod`, both by `app`).
 //!
 //! Projection indexes are built lazily on the first lookup that uses a projection
 //! (an O(group size) one-off), then maintained on every insert and remove. Each N
