@@ -27,6 +27,7 @@ mod quota;
 mod resolvers;
 pub mod rights;
 mod scope;
+mod subsets;
 pub mod systemd;
 
 use std::io;
@@ -277,18 +278,21 @@ impl Switchboard {
     pub fn counted_scope(&self, max_handles: usize) -> Scope {
         Scope {
             token: self.root.child_token(),
+            // Its handles are bounded by the count, its registrations by the target
+            // bound: the quota holds both, so it never binds first.
             counts: Some(scope::ScopeCounts::new(
                 self.shared.clone(),
                 max_handles,
-                self.endpoint_quota(),
+                self.endpoint_quota(
+                    max_handles.saturating_add(self.shared.config.max_targets_per_endpoint),
+                ),
             )),
         }
     }
 
     /// The quota of one endpoint: a handle an embedder made, or a counted scope
     /// (one pod) with every handle served into it.
-    fn endpoint_quota(&self) -> Arc<Quota> {
-        let limit = self.shared.config.max_handles_per_endpoint;
+    fn endpoint_quota(&self, limit: usize) -> Arc<Quota> {
         let targets = self.shared.config.max_targets_per_endpoint;
         Quota::owner(
             limit,
@@ -327,7 +331,7 @@ impl Switchboard {
         // into it; otherwise the handle is.
         let quota = match &scope.counts {
             Some(counts) => counts.quota.clone(),
-            None => self.endpoint_quota(),
+            None => self.endpoint_quota(self.shared.config.max_handles_per_endpoint),
         };
         let ticket = quota
             .acquire()
