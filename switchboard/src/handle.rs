@@ -172,22 +172,27 @@ impl rpc::Switchboard for Handle {
         let in_labels = merge_fixed(&self.in_labels, &req.in_labels, "In")?;
         let out_labels = merge_fixed(&self.out_labels, &req.out_labels, "Out")?;
         let (peer, theirs, ticket) = self.registration_channel()?;
-        let keys: Arc<[String]> = keys.into();
-        let resolver = Arc::new(Resolver::new(peer.clone(), keys.clone(), out_labels));
+        // The labels fixed on this handle are the resolver's scope: it only ever
+        // applies to connects that carry them (docs/PROTOCOL.md, "Resolvers").
+        let scope = self.in_labels.to_labels();
+        let resolver = Arc::new(Resolver::new(peer.clone(), keys.into(), scope, out_labels));
         let id = self
             .shared
             .resolvers
             .lock()
             .unwrap()
-            .insert(in_labels, resolver)
+            .insert(in_labels, resolver.clone())
             .map_err(|()| {
                 Status::failed_precondition(
                     "Another resolver with the same resolve labels and no conflicting labels exists",
                 )
             })?;
         let shared = self.shared.clone();
+        // Not the resolver itself: it holds the peer this callback is stored in.
+        let group = (resolver.keys.clone(), resolver.scope.clone());
+        drop(resolver);
         peer.on_close(move || {
-            shared.resolvers.lock().unwrap().remove(&keys, id);
+            shared.resolvers.lock().unwrap().remove(&group, id);
             drop(ticket);
             tracing::debug!(id, "resolver removed");
         });
