@@ -106,6 +106,14 @@ enum Command {
         /// everything derived from it may hold.
         #[arg(long, value_name = "N", default_value_t = 1_024)]
         max_handles_per_endpoint: usize,
+        /// Targets and resolvers one uid may have registered through the socket
+        /// path at once (bounds what one registrant adds to every lookup).
+        #[arg(long, value_name = "N", default_value_t = 16_384)]
+        max_targets_per_uid: usize,
+        /// Targets and resolvers one embedder-made handle (one per pod) and
+        /// everything derived from it may have registered at once.
+        #[arg(long, value_name = "N", default_value_t = 256)]
+        max_targets_per_endpoint: usize,
         /// Descriptors kept free for accepting and refusing clearly when handles
         /// have used the rest of the limit (at most a quarter of it).
         #[arg(long, value_name = "N", default_value_t = 256)]
@@ -404,6 +412,8 @@ async fn run(
             max_handles_per_uid,
             max_calls_per_uid,
             max_handles_per_endpoint,
+            max_targets_per_uid,
+            max_targets_per_endpoint,
             reserve_descriptors,
             nofile,
             threads: _,
@@ -424,6 +434,8 @@ async fn run(
                 },
                 max_handles_per_uid,
                 max_handles_per_endpoint,
+                max_targets_per_uid,
+                max_targets_per_endpoint,
                 max_calls_per_uid,
                 reserve_descriptors,
             };

@@ -1,4 +1,4 @@
-//! `flower pod add|remove|ls`: a thin client of the pod API (DESIGN §8), printing
+//! `flower pod add|remove|ls`: a thin client of the pod API (docs/PROTOCOL.md §11), printing
 //! one JSON object per pod, and the pod-related defaults of `flower switchboard`.
 
 use std::path::{Path, PathBuf};

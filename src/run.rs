@@ -1,5 +1,5 @@
 //! `flower run`: execute a command with a constrained handle as its only extra
-//! descriptor, announced in `FLOWER_SWITCHBOARD_FD` (DESIGN §6).
+//! descriptor, announced in `FLOWER_SWITCHBOARD_FD` (docs/PROTOCOL.md §12).
 
 use std::ffi::OsString;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};

@@ -685,6 +685,58 @@ async fn egress_keeps_node_local_addresses_out_of_reach() {
     .expect("allowed with --allow");
 }
 
+/// Finding 5's bound: one uid may have at most `--max-targets-per-uid` targets and
+/// resolvers at once, whichever handles it registers them through; the refusal
+/// names the flag; a target that goes away makes room; the descriptor count returns
+/// to its baseline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn targets_per_uid_are_bounded() {
+    let daemon = Daemon::start_with(&["--max-targets-per-uid", "3"]);
+    let root = daemon.connect().await;
+    let baseline = daemon.baseline(&root).await;
+    let narrow = root
+        .constrain(
+            &[Right::ServerStart],
+            &labels(&[("tenant", "a")]),
+            &Labels::new(),
+        )
+        .await
+        .unwrap();
+    let first = root.server_start(&labels(&[("app", "1")])).await.unwrap();
+    let _second = narrow.server_start(&labels(&[("app", "2")])).await.unwrap();
+    let _resolver = daemon
+        .connect()
+        .await
+        .resolver_start(&["server_hostname"], &Labels::new(), &Labels::new())
+        .await
+        .unwrap();
+    let err = refusal(narrow.server_start(&labels(&[("app", "3")])).await);
+    assert_eq!(err.code, Code::ResourceExhausted, "{err}");
+    assert!(err.message.contains("--max-targets-per-uid"), "{err}");
+    let err = refusal(root.egress_start(&labels(&[("net", "out")])).await);
+    assert_eq!(err.code, Code::ResourceExhausted, "{err}");
+    bystander_works(&root).await;
+
+    drop(first);
+    let deadline = Instant::now() + PATIENCE;
+    let third = loop {
+        match narrow.server_start(&labels(&[("app", "3")])).await {
+            Ok(server) => break server,
+            Err(e) => assert_eq!(e.code, Code::ResourceExhausted, "{e}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the freed target's slot came back"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    drop(third);
+    drop(_second);
+    drop(_resolver);
+    drop(narrow);
+    daemon.settle_fds(baseline).await;
+}
+
 /// Serves `resolver` in a task, answering every `Resolve` with one candidate:
 /// `dest=<dest>`. Returns the task (abort it to close the registration) and the
 /// number of calls so far.

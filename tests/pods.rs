@@ -45,7 +45,7 @@ async fn two_pods_identity_confinement_and_revocation() {
     let a = register(&mut api, a_request.clone()).await;
     let b = register(&mut api, pod_request("pod-b", "shop", "client")).await;
 
-    // DESIGN §8: the listed labels exactly, default rights, the endpoint layout.
+    // docs/PROTOCOL.md §11: the listed labels exactly, default rights, the endpoint layout.
     let mut a_in = identity("server", "shop", "server", "pod-a");
     a_in.insert("app".into(), "web".into());
     assert_eq!(a.in_labels, a_in);

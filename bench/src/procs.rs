@@ -90,8 +90,15 @@ impl Ctx {
     pub fn switchboard_with(&self, extra: &[&str], pinned: bool) -> Result<(Proc, PathBuf)> {
         let path = self.path("switchboard");
         let mut cmd = Command::new(&self.flower);
+        // The bench measures speed, not the per-uid bounds: every peer here is one uid.
         cmd.arg("switchboard")
             .arg(&path)
+            .args([
+                "--max-handles-per-uid",
+                "1000000",
+                "--max-targets-per-uid",
+                "1000000",
+            ])
             .args(extra)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null());

@@ -1,6 +1,6 @@
 //! Tying `Fd { slot }` message fields to the descriptors of a datagram.
 //!
-//! Rule (DESIGN §5): every descriptor received is owned by exactly one `Fd` field,
+//! Rule (docs/PROTOCOL.md §3): every descriptor received is owned by exactly one `Fd` field,
 //! or closed. [`Fds::claim`] enforces it when a message is decoded: the slots named by
 //! the message must be exactly `0..n` for the `n` descriptors that arrived, each once.
 //! Anything else closes every descriptor and fails with `INVALID_ARGUMENT`.

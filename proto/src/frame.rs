@@ -1,4 +1,4 @@
-//! The frame codec (DESIGN §5): one datagram is one `Frame`, a `Call` or a `Reply`.
+//! The frame codec (docs/PROTOCOL.md §2): one datagram is one `Frame`, a `Call` or a `Reply`.
 //!
 //! Both peers, the async [`crate::rpc`] and the blocking [`crate::blocking`], build
 //! calls and replies and turn a received reply into a result here, so the rules (a

@@ -1,4 +1,4 @@
-//! Calls and replies over a [`Channel`] (DESIGN §5).
+//! Calls and replies over a [`Channel`] (docs/PROTOCOL.md §2, §4).
 //!
 //! A [`Peer`] owns one channel. Replies are routed to the calls waiting for them (so
 //! callers may pipeline and replies may come in any order), by one of two readers:

@@ -1,4 +1,4 @@
-//! Call outcomes, numbered like gRPC status codes (DESIGN §5).
+//! Call outcomes, numbered like gRPC status codes (docs/PROTOCOL.md §5).
 
 use std::fmt;
 

@@ -185,5 +185,75 @@ fn directory(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, directory);
+/// Many distinct key sets (hardening finding 5): `KEY_SETS` targets of one registrant,
+/// each with a key set of its own (`{app, id, k<i>}`, `app = evil`), beside a
+/// bystander's two targets `{app = web, pod}`. Every target has `app`, so a bystander's
+/// lookup touches only the groups holding `app = web`. `split` adds two targets that
+/// leave out `app` and `pod` in turn (`{pod, id, j}` and `{app, id, j}`): then no key of
+/// the lookup is on every target, and the lookup also asks which key sets leave out
+/// both of its keys (a bitmap difference over all groups).
+fn key_sets(c: &mut Criterion) {
+    const KEY_SETS: usize = 10_000;
+    let mut group = c.benchmark_group("key_sets");
+    group
+        .sample_size(30)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    for split in [false, true] {
+        let mut dir = Directory::new();
+        let (_, built) = once(|| {
+            for i in 0..KEY_SETS {
+                let l = labels(&[
+                    ("app", "evil".into()),
+                    ("id", i.to_string()),
+                    (&format!("k{i}"), "x".into()),
+                ]);
+                dir.insert(l, ())
+                    .expect("attacker targets contradict each other");
+            }
+        });
+        let web = |pod: &str| labels(&[("app", "web".into()), ("pod", pod.into())]);
+        let one = dir.insert(web("1"), ()).unwrap();
+        dir.insert(web("2"), ()).unwrap();
+        if split {
+            dir.insert(
+                labels(&[("pod", "9".into()), ("id", "a".into()), ("j", "1".into())]),
+                (),
+            )
+            .unwrap();
+            dir.insert(
+                labels(&[("app", "db".into()), ("id", "b".into()), ("j", "2".into())]),
+                (),
+            )
+            .unwrap();
+        }
+        let name = if split { "split" } else { "common_key" };
+        eprintln!("key_sets {name}: {KEY_SETS} key sets built in {built:?}");
+        let queries = vec![(web("1"), Lookup::Found(one))];
+        bench_lookups(
+            &mut group,
+            &format!("{name}_lookup"),
+            KEY_SETS,
+            &mut dir,
+            &queries,
+        );
+        let fresh = web("fresh");
+        group.bench_function(
+            BenchmarkId::new(format!("{name}_insert_remove"), KEY_SETS),
+            |b| {
+                b.iter_batched(
+                    || fresh.clone(),
+                    |l| {
+                        let id = dir.insert(l, ()).expect("fresh target does not conflict");
+                        dir.remove(id)
+                    },
+                    BatchSize::SmallInput,
+                )
+            },
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(benches, directory, key_sets);
 criterion_main!(benches);

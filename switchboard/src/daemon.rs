@@ -32,7 +32,7 @@ pub struct Options {
     pub pods: Option<PodsOptions>,
 }
 
-/// Where the pod API listens and where the pods' endpoints live (DESIGN §8).
+/// Where the pod API listens and where the pods' endpoints live (docs/PROTOCOL.md §11).
 #[derive(Debug, Clone)]
 pub struct PodsOptions {
     /// The gRPC socket, created 0600: its mode is the API's only protection.

@@ -164,6 +164,7 @@ impl rpc::Switchboard for Handle {
         keys.dedup();
         let in_labels = merge_fixed(&self.in_labels, &req.in_labels, "In")?;
         let out_labels = merge_fixed(&self.out_labels, &req.out_labels, "Out")?;
+        let counted = self.quota.target()?;
         let (peer, theirs, ticket) = self.registration_channel()?;
         // The labels fixed on this handle are the resolver's scope: it only ever
         // applies to connects that carry them (docs/PROTOCOL.md, "Resolvers").
@@ -187,6 +188,7 @@ impl rpc::Switchboard for Handle {
         peer.on_close(move || {
             shared.resolvers.lock().unwrap().remove(&group, id);
             drop(ticket);
+            drop(counted);
             tracing::debug!(id, "resolver removed");
         });
         let mut fds = OutFds::new();
@@ -259,6 +261,7 @@ impl Handle {
                 MAX_LIST_LABELS
             )));
         }
+        let target_ticket = self.quota.target()?;
         let (peer, theirs, ticket) = self.registration_channel()?;
         let entry = Registrant {
             kind,
@@ -282,6 +285,7 @@ impl Handle {
             shared.directory.lock().unwrap().remove(id);
             drop(counted);
             drop(ticket);
+            drop(target_ticket);
             tracing::debug!(id, "target removed");
         });
         let mut fds = OutFds::new();

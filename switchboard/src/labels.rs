@@ -1,4 +1,4 @@
-//! Label algebra (DESIGN §1).
+//! Label algebra (docs/PROTOCOL.md §6).
 
 use std::sync::Arc;
 

@@ -46,7 +46,7 @@ use quota::{Quota, Ticket, UidQuotas};
 pub use rights::Rights;
 
 /// Tunables of a switchboard, most of them limits on what one peer may cost
-/// (DESIGN §10; each is listed in docs/PROTOCOL.md with its `flower switchboard` flag).
+/// (each is listed in docs/PROTOCOL.md §10 with its `flower switchboard` flag).
 #[derive(Debug, Clone)]
 pub struct Config {
     /// How long a registrant may take to answer `Server.Connect`, `Egress.Connect` or
@@ -64,6 +64,12 @@ pub struct Config {
     /// Handles and registrations derived from one handle an embedder made
     /// ([`Switchboard::new_handle`], one per pod).
     pub max_handles_per_endpoint: usize,
+    /// Targets and resolvers one connecting uid may have registered through the
+    /// socket path at once (each is also a registration under `max_handles_per_uid`).
+    pub max_targets_per_uid: usize,
+    /// Targets and resolvers registered through one embedder-made handle (one per
+    /// pod) and everything derived from it.
+    pub max_targets_per_endpoint: usize,
     /// Calls in flight across all the channels of one uid (or one embedder-made
     /// endpoint); past it the switchboard stops reading their channels until calls
     /// finish, so one uid's flood cannot crowd out everyone else's calls.
@@ -82,6 +88,8 @@ impl Default for Config {
             channel: Limits::default(),
             max_handles_per_uid: 16_384,
             max_handles_per_endpoint: 1_024,
+            max_targets_per_uid: 16_384,
+            max_targets_per_endpoint: 256,
             max_calls_per_uid: 1_024,
             reserve_descriptors: 256,
         }
@@ -173,13 +181,18 @@ impl Scope {
         self.token.is_cancelled()
     }
 
-    /// A counted scope inside this one: revoking this one revokes it too. `None` for
-    /// a scope that is not counted itself.
+    /// A counted scope inside this one: revoking this one revokes it too, and it is
+    /// charged to this one's endpoint quota (a container's handles and targets count
+    /// as its pod's). `None` for a scope that is not counted itself.
     pub fn counted_child(&self, max_handles: usize) -> Option<Scope> {
         let counts = self.counts.as_ref()?;
         Some(Scope {
             token: self.token.child_token(),
-            counts: Some(scope::ScopeCounts::new(counts.shared(), max_handles)),
+            counts: Some(scope::ScopeCounts::new(
+                counts.shared(),
+                max_handles,
+                counts.quota.clone(),
+            )),
         })
     }
 
@@ -264,8 +277,35 @@ impl Switchboard {
     pub fn counted_scope(&self, max_handles: usize) -> Scope {
         Scope {
             token: self.root.child_token(),
-            counts: Some(scope::ScopeCounts::new(self.shared.clone(), max_handles)),
+            counts: Some(scope::ScopeCounts::new(
+                self.shared.clone(),
+                max_handles,
+                self.endpoint_quota(),
+            )),
         }
+    }
+
+    /// The quota of one endpoint: a handle an embedder made, or a counted scope
+    /// (one pod) with every handle served into it.
+    fn endpoint_quota(&self) -> Arc<Quota> {
+        let limit = self.shared.config.max_handles_per_endpoint;
+        let targets = self.shared.config.max_targets_per_endpoint;
+        Quota::owner(
+            limit,
+            format!(
+                "This endpoint holds {limit} handles and registrations, the most one may \
+                 (--max-handles-per-endpoint)"
+            ),
+            Some(self.shared.budget.clone()),
+            Some(self.shared.config.max_calls_per_uid),
+            Some((
+                targets,
+                format!(
+                    "This endpoint has registered {targets} targets and resolvers, the most \
+                     one may (--max-targets-per-endpoint)"
+                ),
+            )),
+        )
     }
 
     /// Serves `channel` as a handle inside `scope`, with the given rights and fixed
@@ -283,16 +323,12 @@ impl Switchboard {
             labels::validate(labels)
                 .map_err(|status| io::Error::new(io::ErrorKind::InvalidInput, status.message))?;
         }
-        let limit = self.shared.config.max_handles_per_endpoint;
-        let quota = Quota::with_calls(
-            limit,
-            format!(
-                "This endpoint holds {limit} handles and registrations, the most one may \
-                 (--max-handles-per-endpoint)"
-            ),
-            Some(self.shared.budget.clone()),
-            Some(self.shared.config.max_calls_per_uid),
-        );
+        // A counted scope (a pod) is one endpoint however many handles are served
+        // into it; otherwise the handle is.
+        let quota = match &scope.counts {
+            Some(counts) => counts.quota.clone(),
+            None => self.endpoint_quota(),
+        };
         let ticket = quota
             .acquire()
             .map_err(|status| io::Error::other(status.message))?;
@@ -395,6 +431,7 @@ impl Switchboard {
                     uid,
                     shared.config.max_handles_per_uid,
                     shared.config.max_calls_per_uid,
+                    shared.config.max_targets_per_uid,
                     &shared.budget,
                 );
                 let ticket = quota.acquire()?;

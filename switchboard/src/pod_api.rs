@@ -1,5 +1,5 @@
 //! The pod API over gRPC: [`Pods`] served with tonic on a Unix socket, beside the
-//! standard `grpc.health.v1.Health` service (DESIGN §8).
+//! standard `grpc.health.v1.Health` service (docs/PROTOCOL.md §11).
 //!
 //! There is no authentication: whoever can connect to the socket can register and
 //! revoke pods. Only the socket file's mode protects it (0600, the daemon's user).

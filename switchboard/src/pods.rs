@@ -1,5 +1,5 @@
 //! Pods: a switchboard endpoint per pod (and, if asked, per container) that carries
-//! the pod's identity, revoked at once when the pod goes (DESIGN §8).
+//! the pod's identity, revoked at once when the pod goes (docs/PROTOCOL.md §11).
 //!
 //! [`Pods`] is the registry a container runtime embeds (the daemon serves it over
 //! gRPC, see [`crate::pod_api`]). Each registered pod gets a directory
@@ -38,7 +38,7 @@ use crate::{Rights, Scope, Switchboard};
 /// The socket's name inside an endpoint directory.
 pub const ENDPOINT_NAME: &str = "switchboard";
 /// Handles one endpoint may hold at a time unless [`Options::max_handles`] says
-/// otherwise (DESIGN §10).
+/// otherwise (docs/PROTOCOL.md §10).
 pub const DEFAULT_MAX_HANDLES: usize = 1024;
 /// The registrations, in `PODS_DIR`.
 const STATE_FILE: &str = "@pods.json";

@@ -1,4 +1,4 @@
-//! What one peer may hold (DESIGN §10): every handle and every registration is a
+//! What one peer may hold (docs/PROTOCOL.md §10): every handle and every registration is a
 //! descriptor the switchboard keeps open, so each is charged to a [`Quota`] while it
 //! lives — the connecting uid's on the main path, or the endpoint's for a handle an
 //! embedder made (one per pod) — and to the switchboard's descriptor budget, which
@@ -21,19 +21,25 @@ pub(crate) struct Quota {
     parent: Option<Arc<Quota>>,
     /// Calls in flight across every channel charged here (None: per channel only).
     pub calls: Option<Arc<tokio::sync::Semaphore>>,
+    /// Targets and resolvers registered by everything charged here (None: unbounded
+    /// but for the descriptors they hold).
+    pub targets: Option<Arc<Quota>>,
 }
 
 impl Quota {
     pub fn new(limit: usize, full: String, parent: Option<Arc<Quota>>) -> Arc<Quota> {
-        Quota::with_calls(limit, full, parent, None)
+        Quota::owner(limit, full, parent, None, None)
     }
 
-    /// A quota whose channels also share `calls` calls in flight.
-    pub fn with_calls(
+    /// The quota of one owner (a uid, an endpoint): its channels also share `calls`
+    /// calls in flight, and its registrations are also counted against `targets`
+    /// (the limit and the error when it is full).
+    pub fn owner(
         limit: usize,
         full: String,
         parent: Option<Arc<Quota>>,
         calls: Option<usize>,
+        targets: Option<(usize, String)>,
     ) -> Arc<Quota> {
         Arc::new(Quota {
             used: AtomicUsize::new(0),
@@ -41,7 +47,13 @@ impl Quota {
             full,
             parent,
             calls: calls.map(|n| Arc::new(tokio::sync::Semaphore::new(n.max(1)))),
+            targets: targets.map(|(limit, full)| Quota::new(limit, full, None)),
         })
+    }
+
+    /// One more target or resolver of this owner, if it has a bound.
+    pub fn target(&self) -> Result<Option<Ticket>, Status> {
+        self.targets.as_ref().map(Quota::acquire).transpose()
     }
 
     /// One more, here and in every parent; `RESOURCE_EXHAUSTED` naming the first
@@ -120,13 +132,20 @@ pub(crate) struct UidQuotas {
 }
 
 impl UidQuotas {
-    pub fn get(&self, uid: u32, limit: usize, calls: usize, budget: &Arc<Quota>) -> Arc<Quota> {
+    pub fn get(
+        &self,
+        uid: u32,
+        limit: usize,
+        calls: usize,
+        targets: usize,
+        budget: &Arc<Quota>,
+    ) -> Arc<Quota> {
         let mut map = self.by_uid.lock().unwrap();
         if let Some(quota) = map.get(&uid).and_then(Weak::upgrade) {
             return quota;
         }
         map.retain(|_, q| q.strong_count() > 0);
-        let quota = Quota::with_calls(
+        let quota = Quota::owner(
             limit,
             format!(
                 "Uid {uid} holds {limit} handles and registrations, the most one uid may \
@@ -134,6 +153,13 @@ impl UidQuotas {
             ),
             Some(budget.clone()),
             Some(calls),
+            Some((
+                targets,
+                format!(
+                    "Uid {uid} has registered {targets} targets and resolvers, the most one \
+                     uid may (--max-targets-per-uid)"
+                ),
+            )),
         );
         map.insert(uid, Arc::downgrade(&quota));
         quota

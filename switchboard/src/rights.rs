@@ -1,4 +1,4 @@
-//! Handle rights (DESIGN §2).
+//! Handle rights (docs/PROTOCOL.md §6).
 
 use flower_proto::Status;
 use flower_proto::switchboard::Right;
@@ -32,7 +32,7 @@ impl Rights {
         self.0 & (1 << right as u8) != 0
     }
 
-    /// Fails with the DESIGN §2 error unless every right in `wanted` is held.
+    /// Fails with the documented error unless every right in `wanted` is held.
     pub fn require(self, wanted: Rights) -> Result<(), Status> {
         let missing: Vec<&str> = Right::ALL
             .iter()

@@ -12,6 +12,7 @@ use tokio::sync::Notify;
 
 use crate::State;
 use crate::directory::TargetId;
+use crate::quota::Quota;
 
 pub(crate) struct ScopeCounts {
     handles: AtomicUsize,
@@ -23,6 +24,9 @@ pub(crate) struct ScopeCounts {
     /// once rather than as each registration channel's task gets to run.
     target_ids: Mutex<HashSet<TargetId>>,
     shared: Arc<State>,
+    /// What every handle served into the scope, and everything derived from them,
+    /// is charged to: the scope is one endpoint.
+    pub quota: Arc<Quota>,
 }
 
 impl std::fmt::Debug for ScopeCounts {
@@ -36,7 +40,7 @@ impl std::fmt::Debug for ScopeCounts {
 }
 
 impl ScopeCounts {
-    pub fn new(shared: Arc<State>, max_handles: usize) -> Arc<ScopeCounts> {
+    pub fn new(shared: Arc<State>, max_handles: usize, quota: Arc<Quota>) -> Arc<ScopeCounts> {
         Arc::new(ScopeCounts {
             handles: AtomicUsize::new(0),
             targets: AtomicUsize::new(0),
@@ -44,6 +48,7 @@ impl ScopeCounts {
             dropped: Notify::new(),
             target_ids: Mutex::default(),
             shared,
+            quota,
         })
     }
 

@@ -73,3 +73,68 @@ async fn empty_label_keys_are_refused() {
     assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
     assert_eq!(err.to_string(), "Label keys must not be empty");
 }
+
+/// Bounded targets per scope (docs/PROTOCOL.md §10): one pod's handles, however derived, may
+/// have at most `max_targets_per_endpoint` targets and resolvers at once; one that
+/// goes away makes room; another pod is not affected.
+#[tokio::test]
+async fn a_pod_has_a_bounded_number_of_targets() {
+    let switchboard = Switchboard::new(Config {
+        max_targets_per_endpoint: 3,
+        ..Config::default()
+    });
+    let (fd, _scope) = switchboard
+        .new_handle(Rights::ALL, &labels(&[("pod", "a")]), &Labels::new())
+        .unwrap();
+    let pod = Client::from_fd(fd).unwrap();
+    let derived = pod
+        .constrain(
+            &[Right::ServerStart, Right::ResolverStart],
+            &Labels::new(),
+            &Labels::new(),
+        )
+        .await
+        .unwrap();
+    let mut held = Vec::new();
+    for i in 0..2 {
+        held.push(
+            pod.server_start(&labels(&[("app", &i.to_string())]))
+                .await
+                .unwrap(),
+        );
+    }
+    let resolver = derived
+        .resolver_start(&["server_hostname"], &Labels::new(), &Labels::new())
+        .await
+        .unwrap();
+    let err = derived
+        .server_start(&labels(&[("app", "3")]))
+        .await
+        .err()
+        .expect("a fourth registration is refused");
+    assert_eq!(err.code, Code::ResourceExhausted, "{err}");
+    assert!(err.message.contains("--max-targets-per-endpoint"), "{err}");
+
+    // Another pod has its own bound.
+    let (fd, _other) = switchboard
+        .new_handle(Rights::ALL, &labels(&[("pod", "b")]), &Labels::new())
+        .unwrap();
+    let other = Client::from_fd(fd).unwrap();
+    let _theirs = other.server_start(&labels(&[("app", "0")])).await.unwrap();
+
+    // Room again once one goes: the count follows the registration's life.
+    drop(resolver);
+    let mut again = None;
+    for _ in 0..500 {
+        match pod.server_start(&labels(&[("app", "3")])).await {
+            Ok(server) => {
+                again = Some(server);
+                break;
+            }
+            Err(e) => assert_eq!(e.code, Code::ResourceExhausted, "{e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(again.is_some(), "a freed slot is reused");
+    assert_eq!(switchboard.target_count(), 4);
+}

@@ -1,4 +1,4 @@
-//! SOCK_SEQPACKET channels that carry descriptors (DESIGN §5), for async code.
+//! SOCK_SEQPACKET channels that carry descriptors (docs/PROTOCOL.md §1), for async code.
 //!
 //! [`Channel`] and [`Listener`] wait with the tokio reactor; every raw socket call
 //! (and all the transport's `unsafe`) is in [`sys`], which also serves the blocking
