@@ -157,8 +157,8 @@ async fn observe(ch: &Channel) -> Seen {
     seen
 }
 
-/// What DESIGN §2 says `raw` does to a handle seen as `parent`: the child, or the
-/// error code.
+/// What docs/PROTOCOL.md §6 (Constrain) says `raw` does to a handle seen as
+/// `parent`: the child, or the error code.
 fn model(parent: &Seen, raw: &Raw) -> Result<Seen, Code> {
     let wanted = raw.rights.clone().unwrap_or_default();
     if wanted.iter().any(|r| !(0..RIGHTS).contains(r)) {
@@ -198,8 +198,8 @@ fn model(parent: &Seen, raw: &Raw) -> Result<Seen, Code> {
 
 /// Random chains of Constrain requests sent as raw frames to the daemon: every
 /// handle's rights and fixed labels, probed from outside, are never wider than its
-/// parent's and are what DESIGN §2 says; a refused request leaves its parent as it
-/// was. The daemon's descriptors return to the baseline afterwards.
+/// parent's and are what docs/PROTOCOL.md §6 says; a refused request leaves its
+/// parent as it was. The daemon's descriptors return to the baseline afterwards.
 #[test]
 fn constrain_chains_never_widen_on_the_wire() {
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -545,9 +545,9 @@ impl Handle {
 }
 
 /// The rights and fixed labels of a handle constrained by `req` from one with
-/// `rights`, `in_labels` and `out_labels` (DESIGN §2): a subset of the rights, and
-/// the fixed labels extended, never changed. Checked in this order: the rights'
-/// values, the subset, the in-labels, the out-labels.
+/// `rights`, `in_labels` and `out_labels` (docs/PROTOCOL.md §6, Constrain): a subset
+/// of the rights, and the fixed labels extended, never changed. Checked in this
+/// order: the rights' values, the subset, the in-labels, the out-labels.
 fn constrained(
     rights: Rights,
     in_labels: &FixedLabels,
@@ -629,9 +629,10 @@ fn fits_list_reply(labels: &Labels) -> bool {
 
 #[cfg(test)]
 mod tests {
-    //! Constrain never widens (DESIGN §2), for random chains of requests encoded by
-    //! hand: fields omitted entirely, empty packed lists, unpacked rights, map
-    //! entries whose key or value is omitted, fields in any order.
+    //! Constrain never widens (docs/PROTOCOL.md §6, Constrain), for random chains of
+    //! requests encoded by hand: fields omitted entirely, empty packed lists,
+    //! unpacked rights, map entries whose key or value is omitted, fields in any
+    //! order.
 
     use super::*;
     use proptest::prelude::*;
@@ -788,8 +789,8 @@ mod tests {
         format!("[{}]", keys.join(","))
     }
 
-    /// What DESIGN §2 says `req` does to a handle: the child's rights and labels, or
-    /// the error's code and text.
+    /// What docs/PROTOCOL.md §6 (Constrain) says `req` does to a handle: the child's
+    /// rights and labels, or the error's code and text.
     fn model(
         (rights, in_labels, out_labels): &(Rights, Labels, Labels),
         req: &sb::ConstrainRequest,

@@ -1,7 +1,7 @@
 //! Property test: the directory answers exactly as a naive scan over its targets
-//! does (DESIGN §3), for random sequences of registrations, removals, lookups and
-//! listings over many distinct key sets. Uses only the public API, so it holds the
-//! index to the rules whatever its internals.
+//! does (docs/PROTOCOL.md §6, ServerStart and Lookup), for random sequences of
+//! registrations, removals, lookups and listings over many distinct key sets. Uses
+//! only the public API, so it holds the index to the rules whatever its internals.
 //!
 //! The model: two label sets *contradict* when some key is in both with different
 //! values. An insert is refused iff some existing target does not contradict it.
