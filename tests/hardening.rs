@@ -736,3 +736,140 @@ async fn targets_per_uid_are_bounded() {
     drop(narrow);
     daemon.settle_fds(baseline).await;
 }
+
+/// Serves `resolver` in a task, answering every `Resolve` with one candidate:
+/// `dest=<dest>`. Returns the task (abort it to close the registration) and the
+/// number of calls so far.
+fn answer_with(
+    mut resolver: flower_proto::client::Resolver,
+    dest: &'static str,
+) -> (
+    tokio::task::JoinHandle<()>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = calls.clone();
+    let task = tokio::spawn(async move {
+        while let Some(request) = resolver.next().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            request.respond(Ok(flower_proto::resolver::ResolveResponse {
+                targets: vec![flower_proto::resolver::Candidate {
+                    out_labels: labels(&[("dest", dest)]),
+                    weight: 1,
+                }],
+                max_cache_duration_seconds: 0,
+            }));
+        }
+    });
+    (task, calls)
+}
+
+/// A narrowly constrained handle with RESOLVER_START that registers first neither
+/// blocks the operator's resolver nor steers names for anyone outside its labels: its
+/// resolver's scope is the handle's fixed in-labels.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_resolver_steers_only_its_own_names() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let daemon = Daemon::start();
+    let root = daemon.connect().await;
+    let bystander = root
+        .constrain(&[Right::ClientConnect], &Labels::new(), &Labels::new())
+        .await
+        .unwrap();
+    let mut servers = Vec::new();
+    for dest in ["operator", "tenant-a", "tenant-b"] {
+        let mut server = root
+            .server_start(&labels(&[("app", "web"), ("dest", dest)]))
+            .await
+            .unwrap();
+        servers.push(tokio::spawn(async move {
+            while server.accept().await.is_some() {}
+        }));
+    }
+    let baseline = daemon.baseline(&root).await;
+    let name = labels(&[("server_hostname", "shop.example")]);
+
+    // Tenant a's handle, as an operator would hand it out: only the right, and
+    // everything it registers or connects to carries tenant=a.
+    let tenant = |t: &str| labels(&[("tenant", t)]);
+    let a = root
+        .constrain(&[Right::ResolverStart], &tenant("a"), &tenant("a"))
+        .await
+        .unwrap();
+    let (a_task, a_calls) = answer_with(
+        a.resolver_start(&["server_hostname"], &Labels::new(), &Labels::new())
+            .await
+            .unwrap(),
+        "tenant-a",
+    );
+    // The operator's resolver for the same key still registers.
+    let operator = root
+        .resolver_start(&["server_hostname"], &Labels::new(), &Labels::new())
+        .await
+        .expect("the operator's resolver is not blocked by a tenant's");
+    let (operator_task, operator_calls) = answer_with(operator, "operator");
+    // A second resolver in tenant a's own scope, with nothing to tell them apart, is
+    // refused as before.
+    let err = refusal(
+        a.resolver_start(&["server_hostname"], &Labels::new(), &Labels::new())
+            .await,
+    );
+    assert_eq!(err.code, Code::FailedPrecondition, "{err}");
+    assert_eq!(
+        err.message,
+        "Another resolver with the same resolve labels and no conflicting labels exists"
+    );
+
+    // A bystander's name goes to the operator's resolver.
+    let conn = bystander.client_connect(&name).await.unwrap();
+    assert_eq!(conn.labels["dest"], "operator", "{:?}", conn.labels);
+    assert_eq!(operator_calls.load(SeqCst), 1);
+    assert_eq!(a_calls.load(SeqCst), 0, "the tenant saw a bystander's name");
+
+    // A connect carrying tenant=a (its handle forces it) goes to the tenant's.
+    let a_client = root
+        .constrain(&[Right::ClientConnect], &Labels::new(), &tenant("a"))
+        .await
+        .unwrap();
+    let conn = a_client.client_connect(&name).await.unwrap();
+    assert_eq!(conn.labels["dest"], "tenant-a", "{:?}", conn.labels);
+    assert_eq!(conn.labels["tenant"], "a");
+    assert_eq!(a_calls.load(SeqCst), 1);
+
+    // Tenant b registers its own, and it answers only tenant b's connects.
+    let b = root
+        .constrain(&[Right::ResolverStart], &tenant("b"), &tenant("b"))
+        .await
+        .unwrap();
+    let (b_task, b_calls) = answer_with(
+        b.resolver_start(&["server_hostname"], &Labels::new(), &Labels::new())
+            .await
+            .expect("tenant b is not blocked by tenant a"),
+        "tenant-b",
+    );
+    let b_client = root
+        .constrain(&[Right::ClientConnect], &Labels::new(), &tenant("b"))
+        .await
+        .unwrap();
+    let conn = b_client.client_connect(&name).await.unwrap();
+    assert_eq!(conn.labels["dest"], "tenant-b", "{:?}", conn.labels);
+    let conn = bystander.client_connect(&name).await.unwrap();
+    assert_eq!(conn.labels["dest"], "operator");
+    assert_eq!(
+        (
+            operator_calls.load(SeqCst),
+            a_calls.load(SeqCst),
+            b_calls.load(SeqCst)
+        ),
+        (2, 1, 1)
+    );
+    drop(conn);
+
+    for task in [a_task, operator_task, b_task] {
+        task.abort();
+        let _ = task.await;
+    }
+    drop((a, b, a_client, b_client));
+    bystander_works(&bystander).await;
+    daemon.settle_fds(baseline).await;
+}

@@ -393,3 +393,86 @@ async fn malformed_resolver_targets_are_dropped() {
     assert_eq!(conn.labels["pod"], "b");
     assert!(!conn.labels.contains_key(""));
 }
+
+/// Registers a resolver for `name` through `handle`, answering `pod=<pod>`.
+async fn name_resolver(handle: &Switchboard, pod: &'static str) {
+    let resolver = handle
+        .resolver_start(&["name"], &Labels::new(), &Labels::new())
+        .await
+        .unwrap();
+    serve(resolver, move |_| {
+        Ok(candidates(&[(&[("pod", pod)], 1)], 0))
+    });
+}
+
+/// A handle with RESOLVER_START only and `fixed` in-labels.
+async fn scoped(root: &Switchboard, fixed: &[(&str, &str)]) -> Switchboard {
+    root.constrain(&[Right::ResolverStart], &labels(fixed), &Labels::new())
+        .await
+        .unwrap()
+}
+
+/// The pod a connect by `name=n` plus `extra` reaches.
+async fn pod_for(root: &Switchboard, extra: &[(&str, &str)]) -> Result<String, Status> {
+    let mut l = labels(extra);
+    l.insert("name".into(), "n".into());
+    Ok(root.client_connect(&l).await?.labels["pod"].clone())
+}
+
+/// A resolver's scope is its registering handle's fixed in-labels: it applies only to
+/// connects that carry them, and of several that apply the most specific wins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_most_specific_scope_wins() {
+    let daemon = Daemon::start();
+    let root = daemon.connect().await;
+    for pod in ["any", "a", "ax", "y"] {
+        accept_all(root.server_start(&labels(&[("pod", pod)])).await.unwrap());
+    }
+    let a = scoped(&root, &[("tenant", "a")]).await;
+    let ax = scoped(&root, &[("tenant", "a"), ("team", "x")]).await;
+    let y = scoped(&root, &[("team", "y")]).await;
+    name_resolver(&root, "any").await;
+    name_resolver(&a, "a").await;
+    name_resolver(&ax, "ax").await;
+    name_resolver(&y, "y").await;
+
+    assert_eq!(pod_for(&root, &[]).await.unwrap(), "any");
+    assert_eq!(pod_for(&root, &[("team", "x")]).await.unwrap(), "any");
+    assert_eq!(pod_for(&root, &[("tenant", "a")]).await.unwrap(), "a");
+    let both = [("tenant", "a"), ("team", "x")];
+    assert_eq!(pod_for(&root, &both).await.unwrap(), "ax");
+    let other = [("tenant", "b"), ("team", "y")];
+    assert_eq!(pod_for(&root, &other).await.unwrap(), "y");
+    // Two apply and neither scope contains the other: ambiguous.
+    let err = pod_for(&root, &[("tenant", "a"), ("team", "y")])
+        .await
+        .unwrap_err();
+    assert_status(
+        &err,
+        Code::FailedPrecondition,
+        r#"Labels match multiple resolvers, scoped by the labels ["team"] and ["tenant"]"#,
+    );
+    // The same scope and keys, nothing to tell them apart: refused.
+    let err = refusal(
+        a.resolver_start(&["name"], &Labels::new(), &Labels::new())
+            .await,
+    );
+    assert_status(
+        &err,
+        Code::FailedPrecondition,
+        "Another resolver with the same resolve labels and no conflicting labels exists",
+    );
+    // The same scope, other keys: both apply, ambiguous as before.
+    let _kind = a
+        .resolver_start(&["kind"], &Labels::new(), &Labels::new())
+        .await
+        .unwrap();
+    let err = pod_for(&root, &[("tenant", "a"), ("kind", "k")])
+        .await
+        .unwrap_err();
+    assert_status(
+        &err,
+        Code::FailedPrecondition,
+        r#"Labels match multiple resolvers, with keys ["kind"] and ["name"]"#,
+    );
+}

@@ -72,6 +72,7 @@ pub async fn connect(
         path,
         Right::EgressStart,
         labels,
+        labels,
         startup,
         |handle| async move { Ok(handle.egress_start(&Labels::new()).await?) },
         |mut egress| {
@@ -289,14 +290,16 @@ fn open_beneath(prefixes: &[Prefix], path: &Path) -> Result<OwnedFd, Status> {
     })
 }
 
-/// Connects to `path` with a handle constrained to `right` and in = out = `labels`,
+/// Connects to `path` with a handle constrained to `right` and in = out = `fixed`,
 /// makes a registration with `register` and runs `serve` on it until the switchboard
 /// closes it; then does it all again, with backoff, for as long as it takes. At
 /// start-up a missing switchboard or a refused registration is an error instead.
-/// Every attempt is bounded by the start-up wait; readiness is told once.
+/// Every attempt is bounded by the start-up wait; readiness is told once, with
+/// `labels`.
 pub(crate) async fn keep_registered<R, Reg, Serve>(
     path: &Path,
     right: Right,
+    fixed: &Labels,
     labels: &Labels,
     startup: Startup,
     register: impl Fn(Switchboard) -> Reg,
@@ -310,7 +313,7 @@ where
     let mut ready = startup.ready;
     let attempt = || {
         bounded(wait, "registering with the switchboard", async {
-            register(Switchboard::connect_as(path, &[right], labels).await?).await
+            register(Switchboard::connect_as(path, &[right], fixed).await?).await
         })
     };
     let mut registration = attempt().await?;

@@ -71,16 +71,18 @@ pub async fn resolve(
     startup: Startup,
 ) -> Result<()> {
     let names = Arc::new(Names::new(options));
+    // LABELS go in the request, not on the handle: labels fixed on the registering
+    // handle would be the resolver's scope, and it would only ever resolve names for
+    // connects that carry LABELS. As request in-labels they only keep it from
+    // connects that contradict them; as out-labels they send its answers to the
+    // egress registered under LABELS.
     crate::keep_registered(
         path,
         Right::ResolverStart,
+        &Labels::new(),
         labels,
         startup,
-        |handle| async move {
-            Ok(handle
-                .resolver_start(&RESOLVE_KEYS, &Labels::new(), &Labels::new())
-                .await?)
-        },
+        |handle| async move { Ok(handle.resolver_start(&RESOLVE_KEYS, labels, labels).await?) },
         |mut resolver| {
             let names = names.clone();
             async move {

@@ -185,7 +185,9 @@ impl Switchboard {
     }
 
     /// Registers a resolver for connects that carry every key in `resolve_keys` and
-    /// do not contradict `in_labels`; `out_labels` are forced onto its answers.
+    /// do not contradict `in_labels`; `out_labels` are forced onto its answers. The
+    /// labels fixed on this handle are its scope: it applies only to connects that
+    /// carry all of them.
     /// Requests arrive through the returned [`Resolver`].
     pub async fn resolver_start(
         &self,

@@ -48,15 +48,8 @@ pub(crate) struct Handle {
 /// first; the generated `rpc::Serve` has already decoded the request.
 impl rpc::Switchboard for Handle {
     async fn constrain(&self, req: sb::ConstrainRequest, _: Fds) -> Answer<sb::ConstrainResponse> {
-        let rights = Rights::from_wire(&req.rights)?;
-        self.rights.require(rights)?;
-        let in_labels = derive_fixed(&self.in_labels, &req.in_labels, "In")?;
-        // The tools constrain with in = out: keep sharing one copy then.
-        let out_labels = if self.out_labels == self.in_labels && req.out_labels == req.in_labels {
-            in_labels.clone()
-        } else {
-            derive_fixed(&self.out_labels, &req.out_labels, "Out")?
-        };
+        let (rights, in_labels, out_labels) =
+            constrained(self.rights, &self.in_labels, &self.out_labels, &req)?;
         let ticket = self.quota.acquire()?;
         let counted = self
             .counted
@@ -173,22 +166,27 @@ impl rpc::Switchboard for Handle {
         let out_labels = merge_fixed(&self.out_labels, &req.out_labels, "Out")?;
         let counted = self.quota.target()?;
         let (peer, theirs, ticket) = self.registration_channel()?;
-        let keys: Arc<[String]> = keys.into();
-        let resolver = Arc::new(Resolver::new(peer.clone(), keys.clone(), out_labels));
+        // The labels fixed on this handle are the resolver's scope: it only ever
+        // applies to connects that carry them (docs/PROTOCOL.md, "Resolvers").
+        let scope = self.in_labels.to_labels();
+        let resolver = Arc::new(Resolver::new(peer.clone(), keys.into(), scope, out_labels));
         let id = self
             .shared
             .resolvers
             .lock()
             .unwrap()
-            .insert(in_labels, resolver)
+            .insert(in_labels, resolver.clone())
             .map_err(|()| {
                 Status::failed_precondition(
                     "Another resolver with the same resolve labels and no conflicting labels exists",
                 )
             })?;
         let shared = self.shared.clone();
+        // Not the resolver itself: it holds the peer this callback is stored in.
+        let group = (resolver.keys.clone(), resolver.scope.clone());
+        drop(resolver);
         peer.on_close(move || {
-            shared.resolvers.lock().unwrap().remove(&keys, id);
+            shared.resolvers.lock().unwrap().remove(&group, id);
             drop(ticket);
             drop(counted);
             tracing::debug!(id, "resolver removed");
@@ -546,6 +544,28 @@ impl Handle {
     }
 }
 
+/// The rights and fixed labels of a handle constrained by `req` from one with
+/// `rights`, `in_labels` and `out_labels` (docs/PROTOCOL.md §6, Constrain): a subset
+/// of the rights, and the fixed labels extended, never changed. Checked in this
+/// order: the rights' values, the subset, the in-labels, the out-labels.
+fn constrained(
+    rights: Rights,
+    in_labels: &FixedLabels,
+    out_labels: &FixedLabels,
+    req: &sb::ConstrainRequest,
+) -> Result<(Rights, FixedLabels, FixedLabels), Status> {
+    let wanted = Rights::from_wire(&req.rights)?;
+    rights.require(wanted)?;
+    let new_in = derive_fixed(in_labels, &req.in_labels, "In")?;
+    // The tools constrain with in = out: keep sharing one copy then.
+    let new_out = if out_labels == in_labels && req.out_labels == req.in_labels {
+        new_in.clone()
+    } else {
+        derive_fixed(out_labels, &req.out_labels, "Out")?
+    };
+    Ok((wanted, new_in, new_out))
+}
+
 /// Tries `attempt(candidate, is_last)` on each candidate in order: the first success
 /// is the answer, else the last failure (`NOT_FOUND` when there was no candidate).
 /// A failure for which `is_final` holds ends the search at once.
@@ -605,4 +625,286 @@ fn labels_len(labels: &Labels) -> usize {
 /// 32 bytes (call id, tags, lengths, the `more` flag).
 fn fits_list_reply(labels: &Labels) -> bool {
     labels_len(labels) <= MAX_LIST_LABELS
+}
+
+#[cfg(test)]
+mod tests {
+    //! Constrain never widens (docs/PROTOCOL.md §6, Constrain), for random chains of
+    //! requests encoded by hand: fields omitted entirely, empty packed lists,
+    //! unpacked rights, map entries whose key or value is omitted, fields in any
+    //! order.
+
+    use super::*;
+    use proptest::prelude::*;
+    use prost::Message;
+    use prost::encoding::{WireType, encode_key, encode_varint};
+
+    const KEYS: [&str; 4] = ["a", "b", "c", "d"];
+    const VALUES: [&str; 3] = ["1", "2", ""];
+
+    /// How a request's `rights` field is written.
+    #[derive(Debug, Clone)]
+    enum RightsField {
+        Absent,
+        /// One length-delimited field; empty is a zero-length field.
+        Packed(Vec<i32>),
+        /// One varint field per value.
+        Unpacked(Vec<i32>),
+    }
+
+    /// One map entry; an omitted key or value decodes as "".
+    #[derive(Debug, Clone)]
+    struct MapEntry {
+        key: Option<&'static str>,
+        value: Option<&'static str>,
+    }
+
+    #[derive(Debug, Clone)]
+    struct RawRequest {
+        rights: RightsField,
+        /// `None`: the field is absent.
+        in_labels: Option<Vec<MapEntry>>,
+        out_labels: Option<Vec<MapEntry>>,
+        /// Out-labels written exactly as the in-labels (the tools' in = out).
+        same: bool,
+        /// Which of the six field orders.
+        order: usize,
+    }
+
+    fn right_value() -> impl Strategy<Value = i32> {
+        prop_oneof![12 => 0..=5i32, 1 => 6..=9i32, 1 => Just(-1)]
+    }
+
+    fn map_entries() -> impl Strategy<Value = Option<Vec<MapEntry>>> {
+        let entry = (
+            prop_oneof![12 => prop::sample::select(&KEYS[..]).prop_map(Some), 1 => Just(None)],
+            prop_oneof![12 => prop::sample::select(&VALUES[..]).prop_map(Some), 1 => Just(None)],
+        )
+            .prop_map(|(key, value)| MapEntry { key, value });
+        prop::option::of(prop::collection::vec(entry, 0..4))
+    }
+
+    fn raw_request() -> impl Strategy<Value = RawRequest> {
+        let rights = prop_oneof![
+            Just(RightsField::Absent),
+            prop::collection::vec(right_value(), 0..5).prop_map(RightsField::Packed),
+            prop::collection::vec(right_value(), 0..5).prop_map(RightsField::Unpacked),
+        ];
+        (
+            rights,
+            map_entries(),
+            map_entries(),
+            prop::bool::weighted(0.3),
+            0..6usize,
+        )
+            .prop_map(|(rights, in_labels, out_labels, same, order)| RawRequest {
+                rights,
+                in_labels,
+                out_labels,
+                same,
+                order,
+            })
+    }
+
+    fn encode_entries(tag: u32, entries: &Option<Vec<MapEntry>>, buf: &mut Vec<u8>) {
+        for entry in entries.iter().flatten() {
+            let mut inner = Vec::new();
+            for (field, text) in [(1, entry.key), (2, entry.value)] {
+                if let Some(text) = text {
+                    encode_key(field, WireType::LengthDelimited, &mut inner);
+                    encode_varint(text.len() as u64, &mut inner);
+                    inner.extend_from_slice(text.as_bytes());
+                }
+            }
+            encode_key(tag, WireType::LengthDelimited, buf);
+            encode_varint(inner.len() as u64, buf);
+            buf.extend(inner);
+        }
+    }
+
+    fn encode(req: &RawRequest) -> Vec<u8> {
+        let mut rights = Vec::new();
+        // Negative enum values are sign-extended to ten bytes, as protobuf says.
+        let varint = |v: i32, buf: &mut Vec<u8>| encode_varint(i64::from(v) as u64, buf);
+        match &req.rights {
+            RightsField::Absent => {}
+            RightsField::Packed(values) => {
+                let mut inner = Vec::new();
+                values.iter().for_each(|v| varint(*v, &mut inner));
+                encode_key(1, WireType::LengthDelimited, &mut rights);
+                encode_varint(inner.len() as u64, &mut rights);
+                rights.extend(inner);
+            }
+            RightsField::Unpacked(values) => {
+                for v in values {
+                    encode_key(1, WireType::Varint, &mut rights);
+                    varint(*v, &mut rights);
+                }
+            }
+        }
+        let mut in_labels = Vec::new();
+        encode_entries(2, &req.in_labels, &mut in_labels);
+        let mut out_labels = Vec::new();
+        let out = if req.same {
+            &req.in_labels
+        } else {
+            &req.out_labels
+        };
+        encode_entries(3, out, &mut out_labels);
+        let mut fields = [rights, in_labels, out_labels];
+        match req.order {
+            0 => {}
+            1 => fields.swap(0, 1),
+            2 => fields.swap(0, 2),
+            3 => fields.swap(1, 2),
+            4 => fields.rotate_left(1),
+            _ => fields.rotate_right(1),
+        }
+        fields.concat()
+    }
+
+    /// A handle to start a chain from: any rights, any fixed labels (sometimes in =
+    /// out, as the tools make them).
+    fn parent() -> impl Strategy<Value = (Rights, FixedLabels, FixedLabels)> {
+        let labels = || {
+            prop::collection::btree_map(
+                prop::sample::select(&KEYS[..]).prop_map(str::to_owned),
+                prop::sample::select(&VALUES[..]).prop_map(str::to_owned),
+                0..4,
+            )
+        };
+        let rights = prop::sample::subsequence(Right::ALL.to_vec(), 0..=Right::ALL.len());
+        (rights, labels(), labels(), any::<bool>()).prop_map(|(rights, i, o, same)| {
+            let in_labels = FixedLabels::new(&i);
+            let out_labels = match same {
+                true => in_labels.clone(),
+                false => FixedLabels::new(&o),
+            };
+            (Rights::of(&rights), in_labels, out_labels)
+        })
+    }
+
+    fn quoted(keys: &[&String]) -> String {
+        let keys: Vec<String> = keys.iter().map(|k| format!("\"{k}\"")).collect();
+        format!("[{}]", keys.join(","))
+    }
+
+    /// What docs/PROTOCOL.md §6 (Constrain) says `req` does to a handle: the child's
+    /// rights and labels, or the error's code and text.
+    fn model(
+        (rights, in_labels, out_labels): &(Rights, Labels, Labels),
+        req: &sb::ConstrainRequest,
+    ) -> Result<(Vec<Right>, Labels, Labels), (Code, String)> {
+        let mut wanted = Vec::new();
+        for &v in &req.rights {
+            match Right::ALL.iter().find(|r| **r as i32 == v) {
+                Some(r) => wanted.push(*r),
+                None => return Err((Code::InvalidArgument, format!("Unknown right {v}"))),
+            }
+        }
+        let missing: Vec<String> = Right::ALL
+            .iter()
+            .filter(|r| wanted.contains(r) && !rights.contains(**r))
+            .map(|r| r.as_str_name().to_owned())
+            .collect();
+        if !missing.is_empty() {
+            let missing: Vec<&String> = missing.iter().collect();
+            return Err((
+                Code::PermissionDenied,
+                format!("Rights {} are not present on this handle", quoted(&missing)),
+            ));
+        }
+        let extend = |fixed: &Labels, request: &Labels, which: &str| {
+            if request.contains_key("") {
+                return Err((
+                    Code::InvalidArgument,
+                    "Label keys must not be empty".to_owned(),
+                ));
+            }
+            let conflicts: Vec<&String> = fixed
+                .iter()
+                .filter(|(k, v)| request.get(*k).is_some_and(|w| w != *v))
+                .map(|(k, _)| k)
+                .collect();
+            if !conflicts.is_empty() {
+                return Err((
+                    Code::PermissionDenied,
+                    format!(
+                        "{which}-labels {} are already defined with different values",
+                        quoted(&conflicts)
+                    ),
+                ));
+            }
+            let mut merged = fixed.clone();
+            merged.extend(request.iter().map(|(k, v)| (k.clone(), v.clone())));
+            Ok(merged)
+        };
+        let new_in = extend(in_labels, &req.in_labels, "In")?;
+        let new_out = extend(out_labels, &req.out_labels, "Out")?;
+        let rights = Right::ALL
+            .into_iter()
+            .filter(|r| wanted.contains(r))
+            .collect();
+        Ok((rights, new_in, new_out))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: 2000,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        })]
+
+        #[test]
+        fn constrain_chains_never_widen(
+            start in parent(),
+            chain in prop::collection::vec(raw_request(), 1..8),
+        ) {
+            let (mut rights, mut in_labels, mut out_labels) = start;
+            for raw in &chain {
+                let bytes = encode(raw);
+                let req = sb::ConstrainRequest::decode(&bytes[..])
+                    .map_err(|e| TestCaseError::fail(format!("{raw:?} does not decode: {e}")))?;
+                let before = (rights, in_labels.clone(), out_labels.clone());
+                let expected = model(
+                    &(rights, in_labels.to_labels(), out_labels.to_labels()),
+                    &req,
+                );
+                let got = constrained(rights, &in_labels, &out_labels, &req);
+                // The parent is never touched, refused or not.
+                prop_assert_eq!(&before, &(rights, in_labels.clone(), out_labels.clone()));
+                match got {
+                    Err(status) => {
+                        prop_assert_eq!(Err((status.code, status.message)), expected);
+                    }
+                    Ok((new_rights, new_in, new_out)) => {
+                        // Never wider: a subset of the rights, every fixed label kept
+                        // with its value.
+                        prop_assert!(new_rights.to_vec().iter().all(|r| rights.contains(*r)));
+                        for (parent, child) in [(&in_labels, &new_in), (&out_labels, &new_out)] {
+                            let child = child.to_labels();
+                            for (k, v) in parent.iter() {
+                                prop_assert_eq!(child.get(k), Some(v), "fixed {} changed", k);
+                            }
+                        }
+                        prop_assert_eq!(
+                            Ok((new_rights.to_vec(), new_in.to_labels(), new_out.to_labels())),
+                            expected
+                        );
+                        (rights, in_labels, out_labels) = (new_rights, new_in, new_out);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn omitted_and_empty_rights_mean_none() {
+        let all = (Rights::ALL, FixedLabels::default(), FixedLabels::default());
+        for bytes in [vec![], vec![0x0a, 0x00]] {
+            let req = sb::ConstrainRequest::decode(&bytes[..]).unwrap();
+            let (rights, _, _) = constrained(all.0, &all.1, &all.2, &req).unwrap();
+            assert_eq!(rights, Rights::NONE);
+        }
+    }
 }

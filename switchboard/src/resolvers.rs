@@ -3,9 +3,15 @@
 //! balancing). The rules are documented in docs/PROTOCOL.md, "Resolvers".
 //!
 //! * A resolver registers a non-empty set of *resolve keys*, `in_labels` and
-//!   `out_labels`. It *applies* to a connect whose labels carry every resolve key and
-//!   do not contradict its `in_labels`.
-//! * At most one resolver applies; two is a `FAILED_PRECONDITION`, like two targets.
+//!   `out_labels`. Its *scope* is the registering handle's fixed in-labels: a
+//!   constrained handle can only steer names inside its own label space. It
+//!   *applies* to a connect whose labels carry every resolve key, carry every scope
+//!   label with the same value, and do not contradict its `in_labels`.
+//! * Registration is refused only by a resolver with the same keys and the same scope
+//!   whose in-labels do not contradict: a tenant cannot block the operator's resolver
+//!   or another tenant's.
+//! * When several apply, the one whose scope strictly contains every other's wins
+//!   (the most specific); otherwise it is a `FAILED_PRECONDITION`, like two targets.
 //! * Its answer is cached per projected request for `max_cache_duration_seconds`
 //!   (capped at [`MAX_CACHE`]); the cache goes with the resolver.
 //! * Candidates are tried in a weighted random order (positive weights), then the
@@ -37,6 +43,8 @@ pub(crate) struct Resolver {
     pub peer: Peer,
     /// Sorted, distinct.
     pub keys: Arc<[String]>,
+    /// The registering handle's fixed in-labels: a connect must carry all of them.
+    pub scope: Labels,
     /// Forced onto every candidate (the registering handle's and the request's).
     pub out_labels: Labels,
     cache: Mutex<HashMap<Labels, Answer>>,
@@ -46,10 +54,11 @@ pub(crate) struct Resolver {
 type Answer = (Arc<[Candidate]>, Instant);
 
 impl Resolver {
-    pub fn new(peer: Peer, keys: Arc<[String]>, out_labels: Labels) -> Resolver {
+    pub fn new(peer: Peer, keys: Arc<[String]>, scope: Labels, out_labels: Labels) -> Resolver {
         Resolver {
             peer,
             keys,
+            scope,
             out_labels,
             cache: Mutex::new(HashMap::new()),
         }
@@ -87,63 +96,112 @@ impl Resolver {
     }
 }
 
-/// Registered resolvers, grouped by resolve key set. Each group is a directory over
-/// the resolvers' `in_labels`, so finding the one that applies is a probe per key
-/// set (there are typically none or one), not a scan of resolvers.
+/// A group of resolvers: one resolve key set and one scope.
+pub(crate) type GroupKey = (Arc<[String]>, Labels);
+
+/// Registered resolvers, grouped by resolve key set and scope. Each group is a
+/// directory over the resolvers' `in_labels`, so finding the ones that apply is a
+/// probe per group (there are typically a handful), not a scan of resolvers.
 #[derive(Default)]
 pub(crate) struct Resolvers {
-    groups: BTreeMap<Arc<[String]>, Directory<Arc<Resolver>>>,
+    groups: BTreeMap<GroupKey, Directory<Arc<Resolver>>>,
+}
+
+/// What one group offers a connect: its one resolver, or two that tie.
+enum Applies {
+    One(Arc<Resolver>),
+    /// The two oldest, and the keys on which their in-labels differ.
+    Tie(Vec<String>),
 }
 
 impl Resolvers {
-    /// Registers `resolver`; refused when another one with the same keys would apply
-    /// to the same connects.
+    /// Registers `resolver` under `in_labels` (which include its scope); refused when
+    /// another one with the same keys and the same scope would apply to the same
+    /// connects.
     pub fn insert(&mut self, in_labels: Labels, resolver: Arc<Resolver>) -> Result<TargetId, ()> {
+        let key = (resolver.keys.clone(), resolver.scope.clone());
         self.groups
-            .entry(resolver.keys.clone())
+            .entry(key)
             .or_default()
             .insert(in_labels, resolver)
             .map_err(drop)
     }
 
-    pub fn remove(&mut self, keys: &Arc<[String]>, id: TargetId) {
-        if let Some(group) = self.groups.get_mut(keys) {
+    /// Removes resolver `id` of the group `key` (its keys and scope).
+    pub fn remove(&mut self, key: &GroupKey, id: TargetId) {
+        if let Some(group) = self.groups.get_mut(key) {
             group.remove(id);
             if group.is_empty() {
-                self.groups.remove(keys);
+                self.groups.remove(key);
             }
         }
     }
 
-    /// The one resolver that applies to `labels`, if any.
+    /// The one resolver that applies to `labels`, if any: of those that apply, the
+    /// one whose scope strictly contains every other's.
     pub fn find(&mut self, labels: &Labels) -> Result<Option<Arc<Resolver>>, Status> {
-        let mut found: Option<Arc<Resolver>> = None;
-        for (keys, group) in &mut self.groups {
-            if !keys.iter().all(|k| labels.contains_key(k)) {
+        let mut applying: Vec<(&GroupKey, Applies)> = Vec::new();
+        for (key, group) in &mut self.groups {
+            let (keys, scope) = key;
+            if !keys.iter().all(|k| labels.contains_key(k)) || !within(labels, scope) {
                 continue;
             }
-            let resolver = match group.lookup(labels) {
+            let applies = match group.lookup(labels) {
                 Lookup::NotFound => continue,
-                Lookup::Found(id) => group.get(id).unwrap().value.clone(),
+                Lookup::Found(id) => Applies::One(group.get(id).unwrap().value.clone()),
                 Lookup::Ambiguous(a, b) => {
                     let (a, b) = (group.get(a).unwrap(), group.get(b).unwrap());
-                    return Err(Status::failed_precondition(format!(
-                        "Labels match multiple resolvers, which can be resolved by adding one of the labels {}",
-                        key_list(&conflicting_keys(&a.labels, &b.labels))
-                    )));
+                    let keys = conflicting_keys(&a.labels, &b.labels);
+                    Applies::Tie(keys.into_iter().map(str::to_owned).collect())
                 }
             };
-            if let Some(other) = &found {
+            applying.push((key, applies));
+        }
+        // The most specific: the largest scope (the first of equals, for the message).
+        let Some(best) = (0..applying.len()).reduce(|best, i| {
+            match applying[i].0.1.len() > applying[best].0.1.len() {
+                true => i,
+                false => best,
+            }
+        }) else {
+            return Ok(None);
+        };
+        let (best_key, best_applies) = &applying[best];
+        let resolver = match best_applies {
+            Applies::One(resolver) => resolver,
+            Applies::Tie(keys) => {
                 return Err(Status::failed_precondition(format!(
-                    "Labels match multiple resolvers, with keys {} and {}",
-                    key_list(&other.keys),
-                    key_list(&resolver.keys)
+                    "Labels match multiple resolvers, which can be resolved by adding one of the labels {}",
+                    key_list(keys)
                 )));
             }
-            found = Some(resolver);
+        };
+        let rival = applying.iter().enumerate().find(|(i, (key, _))| {
+            *i != best && !(key.1.len() < best_key.1.len() && within(&best_key.1, &key.1))
+        });
+        if let Some((_, ((keys, scope), _))) = rival {
+            return Err(Status::failed_precondition(if *keys != best_key.0 {
+                format!(
+                    "Labels match multiple resolvers, with keys {} and {}",
+                    key_list(&best_key.0),
+                    key_list(keys)
+                )
+            } else {
+                let scope_keys = |s: &Labels| key_list(&s.keys().collect::<Vec<_>>());
+                format!(
+                    "Labels match multiple resolvers, scoped by the labels {} and {}",
+                    scope_keys(&best_key.1),
+                    scope_keys(scope)
+                )
+            }));
         }
-        Ok(found)
+        Ok(Some(resolver.clone()))
     }
+}
+
+/// Whether `labels` carries every label of `scope` with the same value.
+fn within(labels: &Labels, scope: &Labels) -> bool {
+    scope.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
 /// The order in which to try `targets`: positive weights in a weighted random order
