@@ -17,7 +17,9 @@
 //! * Candidates are tried in a weighted random order (positive weights), then the
 //!   zero-weight ones in the order given; the first that connects wins.
 
+use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,6 +29,7 @@ use flower_proto::rpc::Peer;
 
 use crate::directory::{Directory, Lookup, TargetId};
 use crate::labels::{conflicting_keys, key_list};
+use crate::subsets::SubsetTrie;
 use flower_proto::Status;
 
 /// Longest a resolver's answer is reused, whatever it asks for.
@@ -100,11 +103,16 @@ impl Resolver {
 pub(crate) type GroupKey = (Arc<[String]>, Labels);
 
 /// Registered resolvers, grouped by resolve key set and scope. Each group is a
-/// directory over the resolvers' `in_labels`, so finding the ones that apply is a
-/// probe per group (there are typically a handful), not a scan of resolvers.
+/// directory over the resolvers' `in_labels`. The groups sit in a trie over the
+/// items a connect must carry for them to apply — each resolve key and each scope
+/// label, as keyed hashes — so a connect visits only the groups (and trie prefixes)
+/// its labels contain, not every group: one registrant's many key sets or scopes
+/// cost nobody else's connects anything. Hash collisions only add candidates, which
+/// are checked exactly.
 #[derive(Default)]
 pub(crate) struct Resolvers {
-    groups: BTreeMap<GroupKey, Directory<Arc<Resolver>>>,
+    groups: SubsetTrie<u64, BTreeMap<GroupKey, Directory<Arc<Resolver>>>>,
+    hasher: RandomState,
 }
 
 /// What one group offers a connect: its one resolver, or two that tie.
@@ -120,7 +128,14 @@ impl Resolvers {
     /// connects.
     pub fn insert(&mut self, in_labels: Labels, resolver: Arc<Resolver>) -> Result<TargetId, ()> {
         let key = (resolver.keys.clone(), resolver.scope.clone());
+        let items = self.items(
+            key.0
+                .iter()
+                .map(|k| (k.as_str(), None))
+                .chain(key.1.iter().map(|(k, v)| (k.as_str(), Some(v.as_str())))),
+        );
         self.groups
+            .entry(&items, BTreeMap::new)
             .entry(key)
             .or_default()
             .insert(in_labels, resolver)
@@ -129,34 +144,75 @@ impl Resolvers {
 
     /// Removes resolver `id` of the group `key` (its keys and scope).
     pub fn remove(&mut self, key: &GroupKey, id: TargetId) {
-        if let Some(group) = self.groups.get_mut(key) {
+        let items = self.items(
+            key.0
+                .iter()
+                .map(|k| (k.as_str(), None))
+                .chain(key.1.iter().map(|(k, v)| (k.as_str(), Some(v.as_str())))),
+        );
+        let Some(node) = self.groups.get_mut(&items) else {
+            return;
+        };
+        if let Some(group) = node.get_mut(key) {
             group.remove(id);
             if group.is_empty() {
-                self.groups.remove(key);
+                node.remove(key);
             }
         }
+        if node.is_empty() {
+            self.groups.remove(&items);
+        }
+    }
+
+    /// The sorted, distinct hashes of `items`: a key (`None`: must be present) or a
+    /// label (`Some(value)`: must be present with that value).
+    fn items<'a>(&self, items: impl Iterator<Item = (&'a str, Option<&'a str>)>) -> Vec<u64> {
+        let mut hashes: Vec<u64> = items
+            .map(|item| {
+                let mut state = self.hasher.build_hasher();
+                item.hash(&mut state);
+                state.finish()
+            })
+            .collect();
+        hashes.sort_unstable();
+        hashes.dedup();
+        hashes
     }
 
     /// The one resolver that applies to `labels`, if any: of those that apply, the
     /// one whose scope strictly contains every other's.
     pub fn find(&mut self, labels: &Labels) -> Result<Option<Arc<Resolver>>, Status> {
-        let mut applying: Vec<(&GroupKey, Applies)> = Vec::new();
-        for (key, group) in &mut self.groups {
-            let (keys, scope) = key;
-            if !keys.iter().all(|k| labels.contains_key(k)) || !within(labels, scope) {
-                continue;
-            }
-            let applies = match group.lookup(labels) {
-                Lookup::NotFound => continue,
-                Lookup::Found(id) => Applies::One(group.get(id).unwrap().value.clone()),
-                Lookup::Ambiguous(a, b) => {
-                    let (a, b) = (group.get(a).unwrap(), group.get(b).unwrap());
-                    let keys = conflicting_keys(&a.labels, &b.labels);
-                    Applies::Tie(keys.into_iter().map(str::to_owned).collect())
-                }
-            };
-            applying.push((key, applies));
+        if self.groups.is_empty() {
+            return Ok(None);
         }
+        let query = self.items(
+            labels
+                .keys()
+                .map(|k| (k.as_str(), None))
+                .chain(labels.iter().map(|(k, v)| (k.as_str(), Some(v.as_str())))),
+        );
+        let mut applying: Vec<(GroupKey, Applies)> = Vec::new();
+        self.groups.subsets_of(&query, |node| {
+            for (key, group) in node.iter_mut() {
+                let (keys, scope) = key;
+                if !keys.iter().all(|k| labels.contains_key(k)) || !within(labels, scope) {
+                    continue;
+                }
+                let applies = match group.lookup(labels) {
+                    Lookup::NotFound => continue,
+                    Lookup::Found(id) => Applies::One(group.get(id).unwrap().value.clone()),
+                    Lookup::Ambiguous(a, b) => {
+                        let (a, b) = (group.get(a).unwrap(), group.get(b).unwrap());
+                        let keys = conflicting_keys(&a.labels, &b.labels);
+                        Applies::Tie(keys.into_iter().map(str::to_owned).collect())
+                    }
+                };
+                applying.push((key.clone(), applies));
+            }
+        });
+        // In key order, as a scan of the groups would meet them: the messages below
+        // name the same groups whatever the hashes.
+        applying.sort_by(|a, b| a.0.cmp(&b.0));
         // The most specific: the largest scope (the first of equals, for the message).
         let Some(best) = (0..applying.len()).reduce(|best, i| {
             match applying[i].0.1.len() > applying[best].0.1.len() {
