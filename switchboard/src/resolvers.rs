@@ -19,7 +19,7 @@
 
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -167,13 +167,7 @@ impl Resolvers {
     /// The sorted, distinct hashes of `items`: a key (`None`: must be present) or a
     /// label (`Some(value)`: must be present with that value).
     fn items<'a>(&self, items: impl Iterator<Item = (&'a str, Option<&'a str>)>) -> Vec<u64> {
-        let mut hashes: Vec<u64> = items
-            .map(|item| {
-                let mut state = self.hasher.build_hasher();
-                item.hash(&mut state);
-                state.finish()
-            })
-            .collect();
+        let mut hashes: Vec<u64> = items.map(|item| self.hasher.hash_one(item)).collect();
         hashes.sort_unstable();
         hashes.dedup();
         hashes
