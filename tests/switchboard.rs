@@ -323,6 +323,51 @@ async fn list_streams_every_matching_target() {
     assert_eq!(list(&front, &Labels::new()).await.len(), 2);
 }
 
+/// List walks the directory a page at a time: every match across several pages, in
+/// registration order, and only those registered before it began — so a List ends
+/// even while someone registers faster than it reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_pages_through_every_target_and_ends() {
+    let daemon = Daemon::start();
+    let root = daemon.connect().await;
+    let mut servers = Vec::new();
+    for i in 0..150 {
+        let parity = if i % 2 == 0 { "even" } else { "odd" };
+        servers.push(
+            root.server_start(&labels(&[("n", &format!("{i:03}")), ("parity", parity)]))
+                .await
+                .unwrap(),
+        );
+    }
+    let all = list(&root, &Labels::new()).await;
+    let names: Vec<&str> = all.iter().map(|l| l["n"].as_str()).collect();
+    let expect: Vec<String> = (0..150).map(|i| format!("{i:03}")).collect();
+    assert_eq!(names, expect, "oldest first, none twice, none missing");
+    let odd = list(&root, &labels(&[("parity", "odd")])).await;
+    assert_eq!(odd.len(), 75);
+    assert!(odd.windows(2).all(|w| w[0]["n"] < w[1]["n"]));
+
+    // A List that runs while another handle keeps registering still ends.
+    let registrar = daemon.connect().await;
+    let adding = tokio::spawn(async move {
+        let mut held = Vec::new();
+        for i in 0..300 {
+            held.push(
+                registrar
+                    .server_start(&labels(&[("n", &format!("late-{i}"))]))
+                    .await
+                    .unwrap(),
+            );
+        }
+        held
+    });
+    let during = tokio::time::timeout(PATIENCE, list(&root, &Labels::new()))
+        .await
+        .expect("a List during registrations ends");
+    assert!(during.len() >= 150, "{}", during.len());
+    let _late = adding.await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_calls_are_answered_by_id() {
     let daemon = Daemon::start();

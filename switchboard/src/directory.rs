@@ -142,6 +142,12 @@ impl<T> Directory<T> {
         self.targets.get(&id).map(|(t, _)| t)
     }
 
+    /// The id the newest target got (0 before the first): ids only grow, so the
+    /// targets registered by now are exactly those with ids up to it.
+    pub fn newest(&self) -> TargetId {
+        self.next_id - 1
+    }
+
     /// Groups probed by lookups so far: what a lookup costs, for tests that check the
     /// index rather than time it.
     #[doc(hidden)]
@@ -153,7 +159,7 @@ impl<T> Directory<T> {
     /// value is handed back.
     pub fn insert(&mut self, labels: Labels, value: T) -> Result<TargetId, T> {
         let mut clash = false;
-        self.for_each_match(&labels, |bucket| {
+        self.for_each_match(&labels, 0, |bucket| {
             clash = bucket.next().is_some();
             if clash {
                 ControlFlow::Break(())
@@ -270,7 +276,7 @@ impl<T> Directory<T> {
     /// Finds the targets that do not contradict `labels`.
     pub fn lookup(&mut self, labels: &Labels) -> Lookup {
         let mut best: [Option<TargetId>; 2] = [None, None];
-        self.for_each_match(labels, |bucket| {
+        self.for_each_match(labels, 0, |bucket| {
             // Each bucket is ordered, so its first two matches are all it can offer.
             for id in bucket.take(2) {
                 match best {
@@ -293,12 +299,36 @@ impl<T> Directory<T> {
     /// All targets that do not contradict `labels`, oldest first.
     pub fn matching(&mut self, labels: &Labels) -> Vec<TargetId> {
         let mut all = Vec::new();
-        self.for_each_match(labels, |bucket| {
+        self.for_each_match(labels, 0, |bucket| {
             all.extend(bucket);
             ControlFlow::Continue(())
         });
         all.sort_unstable();
         all
+    }
+
+    /// The (at most) `limit` oldest targets registered after `after` that do not
+    /// contradict `labels`, oldest first: a List walks the directory this way, a page
+    /// at a time, holding a page rather than every match.
+    pub fn matching_after(
+        &mut self,
+        labels: &Labels,
+        after: TargetId,
+        limit: usize,
+    ) -> Vec<TargetId> {
+        let mut page = Vec::new();
+        self.for_each_match(labels, after, |bucket| {
+            // Each bucket is ordered: its first `limit` are all it can add to the page.
+            page.extend(bucket.take(limit));
+            if page.len() > 2 * limit {
+                page.sort_unstable();
+                page.truncate(limit);
+            }
+            ControlFlow::Continue(())
+        });
+        page.sort_unstable();
+        page.truncate(limit);
+        page
     }
 
     /// The groups that can hold a match for `labels` (module docs).
@@ -350,11 +380,12 @@ impl<T> Directory<T> {
     fn for_each_match(
         &mut self,
         labels: &Labels,
+        after: TargetId,
         mut f: impl FnMut(&mut dyn Iterator<Item = TargetId>) -> ControlFlow<()>,
     ) {
         let slots = match self.candidates(labels) {
             Candidates::All => {
-                let _ = f(&mut self.all.iter().copied());
+                let _ = f(&mut self.all.range(after + 1..).copied());
                 return;
             }
             Candidates::Groups(slots) => slots,
@@ -374,7 +405,7 @@ impl<T> Directory<T> {
             let keys = group.keys.clone();
             let projection = index_projection(&keys, labels);
             if projection.is_empty() {
-                if f(&mut group.members.iter().copied()).is_break() {
+                if f(&mut group.members.range(after + 1..).copied()).is_break() {
                     return;
                 }
                 continue;
@@ -411,7 +442,7 @@ impl<T> Directory<T> {
             if let Some(bucket) = index.get(&hash) {
                 // Re-check on the whole projection: equal hashes need not mean equal
                 // values, and the probed index may cover only some of its keys.
-                let mut matches = bucket.iter().copied().filter(|id| {
+                let mut matches = bucket.range(after + 1..).copied().filter(|id| {
                     let target = &targets[id].0.labels;
                     projection
                         .iter()
@@ -632,6 +663,18 @@ mod tests {
             let expect = scan(&dir, &labels);
             let matching = dir.matching(&labels);
             assert_eq!(matching, expect, "round {round} labels {labels:?}");
+            // Walked a page of 3 at a time, from the start and from the middle.
+            let mut paged = Vec::new();
+            while let Some(&last) = dir
+                .matching_after(&labels, paged.last().copied().unwrap_or(0), 3)
+                .last()
+            {
+                let page = dir.matching_after(&labels, paged.last().copied().unwrap_or(0), 3);
+                assert!(page.len() <= 3);
+                paged.extend(page);
+                assert_eq!(paged.last(), Some(&last));
+            }
+            assert_eq!(paged, expect, "paged, round {round} labels {labels:?}");
             let lookup = dir.lookup(&labels);
             match expect.as_slice() {
                 [] => assert_eq!(lookup, Lookup::NotFound),

@@ -29,6 +29,9 @@ use crate::rights::Rights;
 use crate::scope::HandleCount;
 use crate::{Registrant, State, TargetKind};
 
+/// Target ids a List holds at a time.
+const LIST_PAGE: usize = 64;
+
 pub(crate) struct Handle {
     pub shared: Arc<State>,
     pub rights: Rights,
@@ -204,22 +207,37 @@ impl rpc::Switchboard for Handle {
     ) -> Result<(), Status> {
         self.rights.require_one(Right::List)?;
         let out = merge_fixed(&self.out_labels, &req.out_labels, "Out")?;
-        // One target at a time: a call holds the ids that matched and one target's
-        // labels, and waits (with backpressure, cut off after the channel's send
-        // timeout) for the reader to take each. A target removed meanwhile is skipped.
-        let ids = self.shared.directory.lock().unwrap().matching(&out);
-        for id in ids {
-            let Some(labels) = self
+        // A page of ids at a time, then one target's labels at a time: a call holds
+        // at most LIST_PAGE ids and one target's labels, however many targets match,
+        // and waits (with backpressure, cut off after the channel's send timeout) for
+        // the reader to take each. Targets go out oldest first, those registered
+        // before the List began (so it ends, however fast others register); one
+        // removed meanwhile is skipped.
+        let newest = self.shared.directory.lock().unwrap().newest();
+        let mut after = 0;
+        while after < newest {
+            let mut page = self
                 .shared
                 .directory
                 .lock()
                 .unwrap()
-                .get(id)
-                .map(|t| t.labels.clone())
-            else {
-                continue;
-            };
-            stream.send(&sb::ListResponse { labels }).await?;
+                .matching_after(&out, after, LIST_PAGE);
+            page.retain(|&id| id <= newest);
+            let Some(&last) = page.last() else { break };
+            for id in page {
+                let Some(labels) = self
+                    .shared
+                    .directory
+                    .lock()
+                    .unwrap()
+                    .get(id)
+                    .map(|t| t.labels.clone())
+                else {
+                    continue;
+                };
+                stream.send(&sb::ListResponse { labels }).await?;
+            }
+            after = last;
         }
         Ok(())
     }
