@@ -1,5 +1,6 @@
-//! `flower pod add|remove|ls`: a thin client of the pod API (docs/PROTOCOL.md §11), printing
-//! one JSON object per pod, and the pod-related defaults of `flower switchboard`.
+//! `flower pod add|remove|ls|add-container|remove-container`: a thin client of the pod
+//! API (docs/PROTOCOL.md §11), printing one JSON object per pod or container, and the
+//! pod-related defaults of `flower switchboard`.
 
 use std::path::{Path, PathBuf};
 
@@ -57,6 +58,35 @@ pub enum PodCommand {
         #[arg(long, value_name = "PATH")]
         pods_socket: Option<PathBuf>,
     },
+    /// Give one container of a registered pod an endpoint of its own and print it.
+    ///
+    /// The endpoint (PODS_DIR/POD_UID@NAME/switchboard) carries the pod's identity
+    /// plus server_kubernetes_container_name (client_ for connects) and lives until
+    /// the container or its pod is removed. The same name and attempt again is
+    /// harmless. Prints the container as one JSON line.
+    ///
+    /// Example: flower pod add-container 1234 app
+    AddContainer {
+        /// The pod's uid (see `flower pod ls`).
+        pod_uid: String,
+        /// The container's name: 1 to 128 of A-Z a-z 0-9 . _ -
+        name: String,
+        /// The container's attempt (restart count).
+        #[arg(long, default_value_t = 0)]
+        attempt: u32,
+        /// The pod API socket.
+        #[arg(long, value_name = "PATH")]
+        pods_socket: Option<PathBuf>,
+    },
+    /// Remove one container's endpoint: revoke every handle and target it handed
+    /// out. The pod's own endpoint stays.
+    RemoveContainer {
+        pod_uid: String,
+        name: String,
+        /// The pod API socket.
+        #[arg(long, value_name = "PATH")]
+        pods_socket: Option<PathBuf>,
+    },
 }
 
 /// A `--rights` value: right names, comma-separated.
@@ -107,7 +137,9 @@ pub async fn run(command: PodCommand) -> Result<()> {
     let socket = match &command {
         PodCommand::Add { pods_socket, .. }
         | PodCommand::Remove { pods_socket, .. }
-        | PodCommand::Ls { pods_socket } => pods_socket.clone(),
+        | PodCommand::Ls { pods_socket }
+        | PodCommand::AddContainer { pods_socket, .. }
+        | PodCommand::RemoveContainer { pods_socket, .. } => pods_socket.clone(),
     };
     let socket = match socket {
         Some(s) => s,
@@ -171,6 +203,28 @@ pub async fn run(command: PodCommand) -> Result<()> {
                 writeln!(out, "{}", pod_json(&pod))?;
             }
         }
+        PodCommand::AddContainer {
+            pod_uid,
+            name,
+            attempt,
+            ..
+        } => {
+            let container = client
+                .register_container(api::RegisterContainerRequest {
+                    pod_uid,
+                    name,
+                    attempt,
+                })
+                .await
+                .map_err(status)?;
+            writeln!(out, "{}", container_json(&container.into_inner()))?;
+        }
+        PodCommand::RemoveContainer { pod_uid, name, .. } => {
+            client
+                .unregister_container(api::UnregisterContainerRequest { pod_uid, name })
+                .await
+                .map_err(status)?;
+        }
     }
     Ok(())
 }
@@ -201,16 +255,21 @@ pub fn pod_json(pod: &api::Pod) -> Value {
         "rights": right_names(&pod.rights),
         "handles": pod.handles,
         "targets": pod.targets,
-        "containers": pod.containers.iter().map(|c| json!({
-            "pod_uid": c.pod_uid,
-            "name": c.name,
-            "attempt": c.attempt,
-            "endpoint": c.endpoint,
-            "in_labels": c.in_labels,
-            "out_labels": c.out_labels,
-            "rights": right_names(&c.rights),
-            "handles": c.handles,
-            "targets": c.targets,
-        })).collect::<Vec<_>>(),
+        "containers": pod.containers.iter().map(container_json).collect::<Vec<_>>(),
+    })
+}
+
+/// A container as JSON, like [`pod_json`].
+pub fn container_json(c: &api::Container) -> Value {
+    json!({
+        "pod_uid": c.pod_uid,
+        "name": c.name,
+        "attempt": c.attempt,
+        "endpoint": c.endpoint,
+        "in_labels": c.in_labels,
+        "out_labels": c.out_labels,
+        "rights": right_names(&c.rights),
+        "handles": c.handles,
+        "targets": c.targets,
     })
 }

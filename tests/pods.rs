@@ -552,6 +552,32 @@ fn flower_pod_cli_prints_json() {
     ]);
     assert_eq!(out.status.code(), Some(2), "usage error");
 
+    // A container of the pod: its own endpoint, with the container's name added.
+    let out = flower(&["pod", "add-container", "cli-1", "app", "--attempt", "2"]);
+    assert!(out.status.success(), "{out:?}");
+    let container: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(container["pod_uid"], "cli-1");
+    assert_eq!(container["attempt"], 2);
+    assert_eq!(container["in_labels"]["app"], "web");
+    let endpoint = container["endpoint"].as_str().unwrap();
+    assert!(endpoint.ends_with("cli-1@app/switchboard"), "{endpoint}");
+    assert!(std::path::Path::new(endpoint).exists());
+    let out = flower(&["pod", "ls"]);
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed["containers"][0]["name"], "app");
+    let out = flower(&["pod", "add-container", "nobody-here", "app"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 1);
+    assert!(
+        flower(&["pod", "remove-container", "cli-1", "app"])
+            .status
+            .success()
+    );
+    assert!(!std::path::Path::new(endpoint).exists());
+    let out = flower(&["pod", "ls"]);
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed["containers"], serde_json::json!([]));
+
     assert!(flower(&["pod", "remove", "cli-1"]).status.success());
     let out = flower(&["pod", "remove", "cli-1"]);
     assert_eq!(out.status.code(), Some(1));
