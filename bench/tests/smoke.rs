@@ -68,10 +68,15 @@ fn all_benchmarks_run_with_tiny_sizes() {
         std::thread::sleep(Duration::from_millis(50));
     };
     let stdout = std::fs::read_to_string(&out_path).unwrap();
-    assert!(
-        status.success(),
-        "flower-bench failed ({status}):\n{stdout}"
-    );
+    if !status.success() {
+        let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
+        let tail: Vec<&str> = stderr.lines().rev().take(40).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        panic!(
+            "flower-bench failed ({status}):\n{stdout}\n--- stderr (last 40 lines) ---\n{}",
+            tail.join("\n")
+        );
+    }
     for expected in [
         "Switchboard connect vs the floor",
         "| free | library | 2 | 10 |",
