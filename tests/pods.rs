@@ -177,6 +177,26 @@ async fn registration_is_validated_and_idempotent() {
     // A resync re-registers the same thing: same endpoint, no error.
     let again = register(&mut api, request.clone()).await;
     assert_eq!(first.endpoint, again.endpoint);
+    // ...and puts back a socket someone removed, or replaced with something else.
+    let socket = Path::new(&first.endpoint);
+    let inode =
+        |p: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::symlink_metadata(p).unwrap());
+    let held = Switchboard::connect(socket).await.unwrap();
+    for replace in [false, true] {
+        let before = inode(socket);
+        std::fs::remove_file(socket).unwrap();
+        if replace {
+            std::fs::write(socket, b"not a socket").unwrap();
+        }
+        let resynced = register(&mut api, request.clone()).await;
+        assert_eq!(resynced.endpoint, first.endpoint);
+        assert_ne!(inode(socket), before, "a new socket was placed");
+        let fresh = Switchboard::connect(socket).await.unwrap();
+        assert_eq!(list(&fresh, &Labels::new()).await.len(), 0);
+    }
+    // The handle taken before is the pod's still.
+    assert_eq!(list(&held, &Labels::new()).await.len(), 0);
+    drop(held);
     let mut other = request.clone();
     other.name = "db".into();
     let err = api.register_pod(other).await.unwrap_err();

@@ -23,7 +23,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -162,6 +162,13 @@ struct Container {
 /// A listening endpoint and the scope of everything accepted there.
 struct Endpoint {
     dir: PathBuf,
+    /// The name of `dir` under PODS_DIR.
+    dir_name: String,
+    /// The socket file placed there (device and inode), to tell whether it is
+    /// still the one this endpoint listens on.
+    socket: (u64, u64),
+    /// Stops the accept loop of the current listening socket (not the scope).
+    accepting: tokio_util::sync::CancellationToken,
     scope: Scope,
     rights: Rights,
     in_labels: Labels,
@@ -248,9 +255,14 @@ impl Pods {
     pub fn register(&self, spec: PodSpec) -> Result<PodInfo, PodError> {
         validate_pod(&spec)?;
         let mut registry = self.inner.pods.lock().unwrap();
-        if let Some(pod) = registry.get(&spec.uid) {
+        if let Some(pod) = registry.get_mut(&spec.uid) {
             return match differences(&pod.spec, &spec) {
-                None => Ok(info(pod)),
+                None => {
+                    // A confirmation (a runtime's resync) also puts back a socket
+                    // that was removed or replaced meanwhile.
+                    self.refresh(&mut pod.endpoint).map_err(io_error)?;
+                    Ok(info(pod))
+                }
                 Some(what) => Err(PodError::AlreadyExists(format!(
                     "Pod uid {} is already registered with another identity ({what} differ)",
                     spec.uid
@@ -300,8 +312,9 @@ impl Pods {
         let pod = registry
             .get_mut(pod_uid)
             .ok_or_else(|| PodError::NotFound(format!("No pod with uid {pod_uid:?}")))?;
-        if let Some(container) = pod.containers.get(&spec.name) {
+        if let Some(container) = pod.containers.get_mut(&spec.name) {
             if container.spec == spec {
+                self.refresh(&mut container.endpoint).map_err(io_error)?;
                 return Ok(container_info(pod_uid, container));
             }
             return Err(PodError::AlreadyExists(format!(
@@ -394,9 +407,46 @@ impl Pods {
         in_labels: Labels,
         out_labels: Labels,
     ) -> io::Result<Endpoint> {
+        let dir = self.inner.options.dir.join(dir_name);
+        let (listener, socket) = self.place_socket(dir_name, &dir)?;
+        let endpoint = Endpoint {
+            dir,
+            dir_name: dir_name.to_owned(),
+            socket,
+            accepting: tokio_util::sync::CancellationToken::new(),
+            scope,
+            rights,
+            in_labels,
+            out_labels,
+        };
+        self.accept(&endpoint, listener);
+        Ok(endpoint)
+    }
+
+    /// Puts the endpoint's socket back when its file is gone or is no longer the one
+    /// it listens on (removed or replaced by hand, or by a pod that can write its
+    /// directory). Handles already given out are not touched.
+    fn refresh(&self, endpoint: &mut Endpoint) -> io::Result<()> {
+        let path = endpoint.dir.join(ENDPOINT_NAME);
+        if let Ok(meta) = std::fs::symlink_metadata(&path)
+            && (meta.dev(), meta.ino()) == endpoint.socket
+        {
+            return Ok(());
+        }
+        tracing::warn!(path = %path.display(), "endpoint socket was removed or replaced; putting it back");
+        let (listener, socket) = self.place_socket(&endpoint.dir_name, &endpoint.dir)?;
+        endpoint.accepting.cancel();
+        endpoint.accepting = tokio_util::sync::CancellationToken::new();
+        endpoint.socket = socket;
+        self.accept(endpoint, listener);
+        Ok(())
+    }
+
+    /// Binds a listening socket and moves it to `dir/switchboard`, creating `dir` if
+    /// needed; returns it with the placed file's device and inode.
+    fn place_socket(&self, dir_name: &str, dir: &Path) -> io::Result<(Listener, (u64, u64))> {
         let pods_dir = &self.inner.options.dir;
-        let dir = pods_dir.join(dir_name);
-        match std::fs::symlink_metadata(&dir) {
+        match std::fs::symlink_metadata(dir) {
             Ok(meta) if meta.is_dir() => {}
             Ok(_) => {
                 return Err(io::Error::new(
@@ -407,12 +457,12 @@ impl Pods {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 std::fs::DirBuilder::new()
                     .mode(0o755)
-                    .create(&dir)
-                    .map_err(|e| context(e, "cannot create", &dir))?;
+                    .create(dir)
+                    .map_err(|e| context(e, "cannot create", dir))?;
                 // Only PODS_DIR's owner can swap this entry: a path is safe here.
-                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
             }
-            Err(e) => return Err(context(e, "cannot inspect", &dir)),
+            Err(e) => return Err(context(e, "cannot inspect", dir)),
         }
         // Bind and set the mode where no pod can interfere, then move the socket into
         // the pod's directory: rename replaces whatever non-directory entry is there
@@ -426,26 +476,26 @@ impl Pods {
         }
         let listener = Listener::bind(&staging).map_err(|e| context(e, "cannot bind", &staging))?;
         let placed = std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o666))
-            .and_then(|()| std::fs::rename(&staging, dir.join(ENDPOINT_NAME)));
-        if let Err(e) = placed {
-            let _ = std::fs::remove_file(&staging);
-            return Err(context(e, "cannot place the endpoint in", &dir));
+            .and_then(|()| std::fs::symlink_metadata(&staging))
+            .and_then(|meta| {
+                std::fs::rename(&staging, dir.join(ENDPOINT_NAME))?;
+                Ok((meta.dev(), meta.ino()))
+            });
+        match placed {
+            Ok(socket) => Ok((listener, socket)),
+            Err(e) => {
+                let _ = std::fs::remove_file(&staging);
+                Err(context(e, "cannot place the endpoint in", dir))
+            }
         }
-        let endpoint = Endpoint {
-            dir,
-            scope,
-            rights,
-            in_labels,
-            out_labels,
-        };
-        self.accept(&endpoint, listener);
-        Ok(endpoint)
     }
 
-    /// Accepts on `listener` until the endpoint's scope is revoked.
+    /// Accepts on `listener` until the endpoint's scope is revoked or the socket is
+    /// replaced.
     fn accept(&self, endpoint: &Endpoint, listener: Listener) {
         let switchboard = self.inner.switchboard.clone();
         let scope = endpoint.scope.clone();
+        let replaced = endpoint.accepting.clone();
         let (rights, in_labels, out_labels) = (
             endpoint.rights,
             endpoint.in_labels.clone(),
@@ -457,6 +507,7 @@ impl Pods {
                 tokio::select! {
                     biased;
                     () = scope.revoked() => break,
+                    () = replaced.cancelled() => break,
                     accepted = listener.accept() => match accepted {
                         // A full scope refuses: the connection is closed at once.
                         Ok(channel) => if let Err(e) = switchboard.serve_in(
