@@ -105,6 +105,26 @@ fn bench_lookups(
     });
 }
 
+/// Registers `fresh` (cloned in the untimed setup) and removes it again.
+fn bench_insert_remove(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    n: usize,
+    dir: &mut Directory<()>,
+    fresh: &Labels,
+) {
+    group.bench_function(BenchmarkId::new(name, n), |b| {
+        b.iter_batched(
+            || fresh.clone(),
+            |l| {
+                let id = dir.insert(l, ()).expect("fresh target does not conflict");
+                dir.remove(id)
+            },
+            BatchSize::SmallInput,
+        )
+    });
+}
+
 fn directory(c: &mut Criterion) {
     let mut group = c.benchmark_group("directory");
     group
@@ -171,16 +191,7 @@ fn directory(c: &mut Criterion) {
         //    labels are cloned in the untimed setup; the insert checks for conflicts
         //    (one lookup) and updates all three warmed indexes of the {app, pod} group.
         let fresh = labels(&[("app", "app-3".into()), ("pod", "pod-fresh".into())]);
-        group.bench_function(BenchmarkId::new("insert_remove", n), |b| {
-            b.iter_batched(
-                || fresh.clone(),
-                |l| {
-                    let id = dir.insert(l, ()).expect("fresh target does not conflict");
-                    dir.remove(id)
-                },
-                BatchSize::SmallInput,
-            )
-        });
+        bench_insert_remove(&mut group, "insert_remove", n, &mut dir, &fresh);
         assert_eq!(dir.len(), n);
     }
     group.finish();
@@ -239,19 +250,8 @@ fn key_sets(c: &mut Criterion) {
             &queries,
         );
         let fresh = web("fresh");
-        group.bench_function(
-            BenchmarkId::new(format!("{name}_insert_remove"), KEY_SETS),
-            |b| {
-                b.iter_batched(
-                    || fresh.clone(),
-                    |l| {
-                        let id = dir.insert(l, ()).expect("fresh target does not conflict");
-                        dir.remove(id)
-                    },
-                    BatchSize::SmallInput,
-                )
-            },
-        );
+        let name = format!("{name}_insert_remove");
+        bench_insert_remove(&mut group, &name, KEY_SETS, &mut dir, &fresh);
     }
     group.finish();
 }
