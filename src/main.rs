@@ -102,16 +102,18 @@ enum Command {
         /// embedder-made handle); past it their channels wait (backpressure).
         #[arg(long, value_name = "N", default_value_t = 1_024)]
         max_calls_per_uid: usize,
-        /// Handles and registrations one embedder-made handle (one per pod) and
-        /// everything derived from it may hold.
+        /// Handles and registrations one embedder-made handle and everything
+        /// derived from it may hold (pods are bounded by --pod-max-handles and
+        /// --max-targets-per-endpoint instead).
         #[arg(long, value_name = "N", default_value_t = 1_024)]
         max_handles_per_endpoint: usize,
         /// Targets and resolvers one uid may have registered through the socket
         /// path at once (bounds what one registrant adds to every lookup).
         #[arg(long, value_name = "N", default_value_t = 16_384)]
         max_targets_per_uid: usize,
-        /// Targets and resolvers one embedder-made handle (one per pod) and
-        /// everything derived from it may have registered at once.
+        /// Targets and resolvers one pod (its containers included), or one
+        /// embedder-made handle and everything derived from it, may have
+        /// registered at once.
         #[arg(long, value_name = "N", default_value_t = 256)]
         max_targets_per_endpoint: usize,
         /// Descriptors kept free for accepting and refusing clearly when handles

@@ -63,13 +63,16 @@ pub struct Config {
     /// (counted with `SO_PEERCRED`; everything derived from its connections counts).
     pub max_handles_per_uid: usize,
     /// Handles and registrations derived from one handle an embedder made
-    /// ([`Switchboard::new_handle`], one per pod).
+    /// ([`Switchboard::new_handle`] or [`Switchboard::serve_handle`]). A counted
+    /// scope (a pod) is bounded by its own handle count and
+    /// `max_targets_per_endpoint` instead.
     pub max_handles_per_endpoint: usize,
     /// Targets and resolvers one connecting uid may have registered through the
     /// socket path at once (each is also a registration under `max_handles_per_uid`).
     pub max_targets_per_uid: usize,
-    /// Targets and resolvers registered through one embedder-made handle (one per
-    /// pod) and everything derived from it.
+    /// Targets and resolvers registered at once through one embedder-made handle
+    /// and everything derived from it, or through every handle of one counted scope
+    /// (a pod, its containers included).
     pub max_targets_per_endpoint: usize,
     /// Calls in flight across all the channels of one uid (or one embedder-made
     /// endpoint); past it the switchboard stops reading their channels until calls
