@@ -184,9 +184,19 @@ pub fn claim_inherited(raw: RawFd) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// A receive's buffers: data, one byte over the limit, and control, in u64 words so
+/// that they are aligned for `cmsghdr`. Per thread and reused: the kernel writes what
+/// it returns and nothing else is read, so nothing is cleared per call.
+struct RecvBufs {
+    data: [Vec<u8>; 2],
+    control: Box<[[u64; CMSG_BUF_LEN.div_ceil(8)]; 2]>,
+}
+
 thread_local! {
-    static RECV_BUFS: RefCell<[Vec<u8>; 2]> =
-        RefCell::new([vec![0; MAX_DATAGRAM + 1], vec![0; MAX_DATAGRAM + 1]]);
+    static RECV_BUFS: RefCell<RecvBufs> = RefCell::new(RecvBufs {
+        data: [vec![0; MAX_DATAGRAM + 1], vec![0; MAX_DATAGRAM + 1]],
+        control: Box::new([[0u64; CMSG_BUF_LEN.div_ceil(8)]; 2]),
+    });
 }
 
 /// One non-blocking `recvmmsg` for up to two datagrams. The outer error is for the
@@ -283,40 +293,43 @@ pub(super) fn recv_up_to(
     count: usize,
     flags: libc::c_int,
 ) -> io::Result<(Received, Option<Received>)> {
-    RECV_BUFS.with_borrow_mut(|bufs| {
-        // u64 words keep the control buffers aligned for `cmsghdr`.
-        let mut control = [[0u64; CMSG_BUF_LEN.div_ceil(8)]; 2];
-        let mut iovs = [0, 1].map(|i| libc::iovec {
-            iov_base: bufs[i].as_mut_ptr().cast(),
-            iov_len: bufs[i].len(),
-        });
-        // SAFETY: mmsghdr is plain data; every pointer set below outlives the call.
-        let mut msgs: [libc::mmsghdr; 2] = unsafe { std::mem::zeroed() };
-        for (i, m) in msgs.iter_mut().enumerate() {
-            m.msg_hdr.msg_iov = &mut iovs[i];
-            m.msg_hdr.msg_iovlen = 1;
-            m.msg_hdr.msg_control = control[i].as_mut_ptr().cast();
-            m.msg_hdr.msg_controllen = std::mem::size_of_val(&control[i]) as _;
-        }
-        let flags = libc::MSG_CMSG_CLOEXEC | flags;
-        let count = count.clamp(1, 2) as libc::c_uint;
-        // SAFETY: `msgs` describes valid, writable buffers of the stated lengths.
-        let n = unsafe {
-            libc::recvmmsg(
-                fd,
-                msgs.as_mut_ptr(),
-                count,
-                flags as _,
-                std::ptr::null_mut(),
-            )
-        };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let first = finish(&msgs[0], &bufs[0]);
-        let second = (n >= 2).then(|| finish(&msgs[1], &bufs[1]));
-        Ok((first, second))
-    })
+    RECV_BUFS.with_borrow_mut(
+        |RecvBufs {
+             data: bufs,
+             control,
+         }| {
+            let mut iovs = [0, 1].map(|i| libc::iovec {
+                iov_base: bufs[i].as_mut_ptr().cast(),
+                iov_len: bufs[i].len(),
+            });
+            // SAFETY: mmsghdr is plain data; every pointer set below outlives the call.
+            let mut msgs: [libc::mmsghdr; 2] = unsafe { std::mem::zeroed() };
+            for (i, m) in msgs.iter_mut().enumerate() {
+                m.msg_hdr.msg_iov = &mut iovs[i];
+                m.msg_hdr.msg_iovlen = 1;
+                m.msg_hdr.msg_control = control[i].as_mut_ptr().cast();
+                m.msg_hdr.msg_controllen = std::mem::size_of_val(&control[i]) as _;
+            }
+            let flags = libc::MSG_CMSG_CLOEXEC | flags;
+            let count = count.clamp(1, 2) as libc::c_uint;
+            // SAFETY: `msgs` describes valid, writable buffers of the stated lengths.
+            let n = unsafe {
+                libc::recvmmsg(
+                    fd,
+                    msgs.as_mut_ptr(),
+                    count,
+                    flags as _,
+                    std::ptr::null_mut(),
+                )
+            };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let first = finish(&msgs[0], &bufs[0]);
+            let second = (n >= 2).then(|| finish(&msgs[1], &bufs[1]));
+            Ok((first, second))
+        },
+    )
 }
 
 /// Checks one received message and takes ownership of what it carried.
