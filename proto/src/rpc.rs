@@ -29,7 +29,7 @@
 //! error reply and the channel keeps working.
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -385,8 +385,7 @@ impl Shared {
                 bytes.len()
             )));
         }
-        let borrowed: Vec<_> = fds.iter().map(|fd| fd.as_fd()).collect();
-        let sent = match self.channel.try_send(&bytes, &borrowed) {
+        let sent = match self.channel.try_send_any(&bytes, fds) {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 // The peer is not keeping up: what waits here is charged.
                 let _held = match (&self.charge, fds.len()) {
@@ -401,7 +400,7 @@ impl Shared {
                     _ => None,
                 };
                 tokio::select! {
-                    r = self.channel.send_after_full(&bytes, &borrowed, self.limits.send_timeout) => r,
+                    r = self.channel.send_after_full_any(&bytes, fds, self.limits.send_timeout) => r,
                     () = self.states.closed() => return Err(closed_status()),
                 }
             }
@@ -841,7 +840,11 @@ impl<M: Method> Replies<M> {
 
 impl<M: Method> Drop for Replies<M> {
     fn drop(&mut self) {
-        self.shared.pending.lock().unwrap().remove(&self.id);
+        let tx = self.shared.pending.lock().unwrap().remove(&self.id);
+        // Nobody waits on the slot any more: ending it must not wake this task, which
+        // may have left its waker there (a caller that read its own reply).
+        self.slot.0.lock().unwrap().waker = None;
+        drop(tx);
     }
 }
 
