@@ -919,11 +919,20 @@ async fn read_frames(
     service: Option<Arc<dyn Service>>,
     parent: &CancellationToken,
 ) {
+    // One waiter for "stop", registered once for the channel's life rather than made
+    // and dropped again around every datagram.
+    let stop = async {
+        tokio::select! {
+            () = shared.states.closed_or_draining() => {}
+            () = parent.cancelled() => {}
+        }
+    };
+    tokio::pin!(stop);
     loop {
         let received = tokio::select! {
+            biased;
+            () = &mut stop => break,
             r = shared.channel.recv() => r,
-            () = shared.states.closed_or_draining() => break,
-            () = parent.cancelled() => break,
         };
         let datagram = match received {
             Ok(Some(d)) => d,
@@ -974,15 +983,22 @@ async fn serve_call(
         }
     };
     tokio::pin!(cancelled);
-    tokio::select! {
-        p = shared.calls.acquire() => p.expect("semaphore never closed").forget(),
-        () = shared.states.closed_or_draining() => return false,
-        () = &mut cancelled => return false,
-    };
+    // A free place is taken at once; only a full channel waits (and watches for
+    // the channel closing meanwhile).
+    match shared.calls.try_acquire() {
+        Ok(p) => p.forget(),
+        Err(_) => tokio::select! {
+            p = shared.calls.acquire() => p.expect("semaphore never closed").forget(),
+            () = shared.states.closed_or_draining() => return false,
+            () = &mut cancelled => return false,
+        },
+    }
     // And a place among the group's, if the channel is in one.
     let group = match &shared.group_calls {
         None => None,
-        Some(group) => tokio::select! {
+        Some(group) => match group.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) => tokio::select! {
             p = group.clone().acquire_owned() => Some(p.expect("semaphore never closed")),
             () = shared.states.closed_or_draining() => {
                 shared.calls.add_permits(1);
@@ -992,6 +1008,7 @@ async fn serve_call(
                 shared.calls.add_permits(1);
                 return false;
             }
+            },
         },
     };
     let slot = CallSlot {
