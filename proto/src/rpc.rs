@@ -958,7 +958,7 @@ async fn read_frames(
         match frame {
             Kind::Reply(reply) => shared.route(reply, datagram.fds),
             Kind::Call(call) => {
-                if !serve_call(shared, service.as_ref(), Some(parent), call, datagram.fds).await {
+                if !serve_call(shared, service.as_ref(), parent, call, datagram.fds).await {
                     break;
                 }
             }
@@ -972,16 +972,11 @@ async fn read_frames(
 async fn serve_call(
     shared: &Arc<Shared>,
     service: Option<&Arc<dyn Service>>,
-    parent: Option<&CancellationToken>,
+    parent: &CancellationToken,
     call: crate::Call,
     fds: Vec<OwnedFd>,
 ) -> bool {
-    let cancelled = async {
-        match parent {
-            Some(parent) => parent.cancelled().await,
-            None => std::future::pending().await,
-        }
-    };
+    let cancelled = parent.cancelled();
     tokio::pin!(cancelled);
     // A free place is taken at once; only a full channel waits (and watches for
     // the channel closing meanwhile).
