@@ -90,9 +90,7 @@ pub fn client_main(
         }),
         Kind::Switchboard => {
             let labels = parse_labels(labels)?;
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
+            let rt = procs::library_runtime()?;
             rt.block_on(async {
                 let sb = bounded(Switchboard::connect(Path::new(target))).await??;
                 let once = || async {

@@ -68,9 +68,7 @@ pub fn serve_main(source: Source, behavior: Behavior, chunk: usize) -> Result<()
         }
         Source::Switchboard(path, labels, backlog) => {
             let labels = parse_labels(labels)?;
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
+            let rt = crate::procs::library_runtime()?;
             rt.block_on(async {
                 let sb = bounded(Switchboard::connect(path)).await??;
                 let options = ServerOptions { backlog };

@@ -165,6 +165,11 @@ struct Opts {
     /// for experiments) [default: the daemon's own, one thread].
     #[arg(long)]
     daemon_workers: Option<usize>,
+    /// The tokio runtime of the client-library peers (the `library` and
+    /// `library+backlog` clients and their servers); each runs its loop in
+    /// `block_on`, as `#[tokio::main]` does.
+    #[arg(long, value_enum, default_value = "current-thread")]
+    library_runtime: procs::LibraryRuntime,
     /// Timed connects per measurement, split evenly between the clients.
     #[arg(long, default_value_t = 20_000)]
     iterations: usize,
@@ -281,7 +286,8 @@ fn machine() {
 fn run(command: Command) -> Result<()> {
     match command {
         Command::All(o) => {
-            let ctx = procs::Ctx::new(o.flower.clone(), o.daemon_workers)?;
+            let ctx = procs::Ctx::new(o.flower.clone(), o.daemon_workers)?
+                .with_runtime(o.library_runtime);
             machine();
             connect::connect_bench(&ctx, &o.connect())?;
             if o.scale > 0 {
@@ -295,7 +301,8 @@ fn run(command: Command) -> Result<()> {
             revoke::revoke_bench(&ctx, &o.revoke())?;
         }
         Command::Floor(o) => {
-            let ctx = procs::Ctx::new(o.flower.clone(), o.daemon_workers)?;
+            let ctx = procs::Ctx::new(o.flower.clone(), o.daemon_workers)?
+                .with_runtime(o.library_runtime);
             machine();
             let c = o.connect();
             let mut t = stats::Table::new(&["mode", "clients", "connects/s", "p50 µs", "p99 µs"]);
@@ -326,32 +333,38 @@ fn run(command: Command) -> Result<()> {
             t.print("Floor broker");
         }
         Command::Connect(o) => {
-            let ctx = procs::Ctx::new(o.flower.clone(), o.daemon_workers)?;
+            let ctx = procs::Ctx::new(o.flower.clone(), o.daemon_workers)?
+                .with_runtime(o.library_runtime);
             machine();
             connect::connect_bench(&ctx, &o.connect())?;
         }
         Command::Scale(o) => {
-            let ctx = procs::Ctx::new(o.flower.clone(), o.daemon_workers)?;
+            let ctx = procs::Ctx::new(o.flower.clone(), o.daemon_workers)?
+                .with_runtime(o.library_runtime);
             machine();
             connect::scale_bench(&ctx, &o.connect(), &o.scale())?;
         }
         Command::Dataplane(o) => {
-            let ctx = procs::Ctx::new(o.flower.clone(), o.daemon_workers)?;
+            let ctx = procs::Ctx::new(o.flower.clone(), o.daemon_workers)?
+                .with_runtime(o.library_runtime);
             machine();
             dataplane::dataplane_bench(&ctx, &o.data())?;
         }
         Command::Ingress(o) => {
-            let ctx = procs::Ctx::new(o.flower.clone(), o.daemon_workers)?;
+            let ctx = procs::Ctx::new(o.flower.clone(), o.daemon_workers)?
+                .with_runtime(o.library_runtime);
             machine();
             dataplane::ingress_bench(&ctx, &o.ingress())?;
         }
         Command::Revoke(o) => {
-            let ctx = procs::Ctx::new(o.flower.clone(), o.daemon_workers)?;
+            let ctx = procs::Ctx::new(o.flower.clone(), o.daemon_workers)?
+                .with_runtime(o.library_runtime);
             machine();
             revoke::revoke_bench(&ctx, &o.revoke())?;
         }
         Command::Syscalls(o) => {
-            let ctx = procs::Ctx::new(o.flower.clone(), o.daemon_workers)?;
+            let ctx = procs::Ctx::new(o.flower.clone(), o.daemon_workers)?
+                .with_runtime(o.library_runtime);
             machine();
             syscalls::syscalls_bench(&ctx, o.strace_connects)?;
         }
@@ -363,7 +376,8 @@ fn run(command: Command) -> Result<()> {
             seconds,
             hostile_uid,
         } => {
-            let ctx = procs::Ctx::new(opts.flower.clone(), opts.daemon_workers)?;
+            let ctx = procs::Ctx::new(opts.flower.clone(), opts.daemon_workers)?
+                .with_runtime(opts.library_runtime);
             machine();
             soak::soak_bench(
                 &ctx,

@@ -37,6 +37,33 @@ pub struct Ctx {
     pub dir: TempDir,
     /// Tokio worker threads for the switchboard (`--threads`); None: its default.
     pub daemon_workers: Option<usize>,
+    /// The runtime of the library peers, passed to helpers in [`RUNTIME_ENV`].
+    pub runtime: LibraryRuntime,
+}
+
+/// Which tokio runtime the client-library peers run on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LibraryRuntime {
+    /// `new_current_thread`: everything on the calling thread.
+    #[default]
+    CurrentThread,
+    /// `new_multi_thread` with the default workers (one per CPU); the loop runs in
+    /// `block_on` on the main thread, so the reactor is driven by a worker.
+    MultiThread,
+}
+
+/// How a helper learns its [`LibraryRuntime`].
+const RUNTIME_ENV: &str = "FLOWER_BENCH_RUNTIME";
+
+/// The runtime a library-peer helper runs on, as its parent chose.
+pub fn library_runtime() -> Result<tokio::runtime::Runtime> {
+    let multi = std::env::var(RUNTIME_ENV).is_ok_and(|v| v == "multi-thread");
+    let mut builder = if multi {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    Ok(builder.enable_all().build()?)
 }
 
 impl Ctx {
@@ -57,7 +84,14 @@ impl Ctx {
             exe,
             dir: TempDir::new()?,
             daemon_workers,
+            runtime: LibraryRuntime::CurrentThread,
         })
+    }
+
+    /// Library-peer helpers run on `runtime`.
+    pub fn with_runtime(mut self, runtime: LibraryRuntime) -> Ctx {
+        self.runtime = runtime;
+        self
     }
 
     /// A fresh socket path in the private directory.
@@ -77,6 +111,11 @@ impl Ctx {
     pub fn helper_on(&self, args: &[&str], cpu: Option<usize>) -> Command {
         let mut cmd = Command::new(&self.exe);
         cmd.args(args);
+        let runtime = match self.runtime {
+            LibraryRuntime::CurrentThread => "current-thread",
+            LibraryRuntime::MultiThread => "multi-thread",
+        };
+        cmd.env(RUNTIME_ENV, runtime);
         prepare_on(&mut cmd, cpu);
         cmd
     }

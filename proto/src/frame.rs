@@ -11,17 +11,49 @@ use prost::Message;
 
 use crate::fds::Fds;
 use crate::rpc::Method;
-use crate::{Call, Code, Frame, Reply, Status};
+use crate::{Code, Frame, Reply, Status};
 
 pub use crate::pb::flower::protocol::frame::Kind;
 
-/// Encodes a call of `M` with the caller's `id`.
+/// Encodes a call of `M` with the caller's `id`: the same bytes as encoding a
+/// `Frame` holding that `Call`, written into one buffer of the right size (no
+/// separately encoded message, no method string).
 pub fn call<M: Method>(id: u64, request: &M::Request) -> Vec<u8> {
-    encode(Kind::Call(Call {
-        id,
-        method: M::PATH.to_owned(),
-        message: request.encode_to_vec(),
-    }))
+    use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
+    let path = M::PATH.as_bytes();
+    let message_len = request.encoded_len();
+    let field = |tag: u32, len: usize| key_len(tag) + encoded_len_varint(len as u64) + len;
+    let call_len = if id != 0 {
+        key_len(1) + encoded_len_varint(id)
+    } else {
+        0
+    } + if path.is_empty() {
+        0
+    } else {
+        field(2, path.len())
+    } + if message_len == 0 {
+        0
+    } else {
+        field(3, message_len)
+    };
+    let mut buf = Vec::with_capacity(field(1, call_len));
+    encode_key(1, WireType::LengthDelimited, &mut buf);
+    encode_varint(call_len as u64, &mut buf);
+    if id != 0 {
+        encode_key(1, WireType::Varint, &mut buf);
+        encode_varint(id, &mut buf);
+    }
+    if !path.is_empty() {
+        encode_key(2, WireType::LengthDelimited, &mut buf);
+        encode_varint(path.len() as u64, &mut buf);
+        buf.extend_from_slice(path);
+    }
+    if message_len != 0 {
+        encode_key(3, WireType::LengthDelimited, &mut buf);
+        encode_varint(message_len as u64, &mut buf);
+        request.encode(&mut buf).expect("a Vec grows as needed");
+    }
+    buf
 }
 
 /// A reply frame to call `id`: the encoded message, or the error. `more` marks an
@@ -77,4 +109,28 @@ pub fn reply_result<M: Method>(
     let message = M::Response::decode(&reply.message[..]).map_err(|e| malformed(&e))?;
     let fds = Fds::claim(&message, fds).map_err(|e| malformed(&e))?;
     Ok((message, fds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::switchboard::{self as sb, rpc};
+    use crate::{Call, Labels};
+
+    /// A call encoded in one pass is exactly the encoded `Frame` of that `Call`.
+    #[test]
+    fn calls_encode_as_their_frame() {
+        let labels = Labels::from([("app".into(), "web".into()), ("x".into(), "".into())]);
+        let request = sb::ClientConnectRequest { out_labels: labels };
+        for id in [0, 1, 127, 128, 300, u64::MAX] {
+            for request in [&request, &sb::ClientConnectRequest::default()] {
+                let expected = encode(Kind::Call(Call {
+                    id,
+                    method: <rpc::ClientConnect as Method>::PATH.to_owned(),
+                    message: request.encode_to_vec(),
+                }));
+                assert_eq!(call::<rpc::ClientConnect>(id, request), expected, "id {id}");
+            }
+        }
+    }
 }

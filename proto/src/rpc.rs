@@ -29,13 +29,13 @@
 //! error reply and the channel keeps working.
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::future::BoxFuture;
 use prost::Message;
-use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::fds::{FdFields, Fds, OutFds};
@@ -182,7 +182,122 @@ impl StreamSink {
     }
 }
 
-type ReplyTx = mpsc::UnboundedSender<(Reply, Vec<OwnedFd>)>;
+/// One reply and the descriptors that came with it.
+type Delivery = (Reply, Vec<OwnedFd>);
+
+/// Where the replies to one call wait for its caller: the first in place, further
+/// ones (of a stream) in a queue. Cheaper than a channel per call — a unary call
+/// allocates nothing but the slot — and filling it wakes the caller only when it is
+/// waiting, so a caller that reads its own reply does not wake itself.
+#[derive(Default)]
+struct Slot(Mutex<SlotState>);
+
+#[derive(Default)]
+struct SlotState {
+    first: Option<Delivery>,
+    more: std::collections::VecDeque<Delivery>,
+    /// No more replies will come (the last was delivered, or the channel closed).
+    ended: bool,
+    waker: Option<std::task::Waker>,
+}
+
+/// What a caller finds in its slot.
+enum Found {
+    Reply(Delivery),
+    Ended,
+    Empty,
+}
+
+impl Slot {
+    fn put(&self, delivery: Delivery) {
+        let mut state = self.0.lock().unwrap();
+        if state.first.is_none() && state.more.is_empty() {
+            state.first = Some(delivery);
+        } else {
+            state.more.push_back(delivery);
+        }
+        let waker = state.waker.take();
+        drop(state);
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    fn end(&self) {
+        let mut state = self.0.lock().unwrap();
+        state.ended = true;
+        let waker = state.waker.take();
+        drop(state);
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    fn take(&self) -> Found {
+        let mut state = self.0.lock().unwrap();
+        if let Some(first) = state.first.take() {
+            return Found::Reply(first);
+        }
+        match state.more.pop_front() {
+            Some(next) => Found::Reply(next),
+            None if state.ended => Found::Ended,
+            None => Found::Empty,
+        }
+    }
+
+    /// Waits for the next reply; `None` once none will come.
+    async fn next(&self) -> Option<Delivery> {
+        std::future::poll_fn(|cx| {
+            let mut state = self.0.lock().unwrap();
+            if let Some(first) = state.first.take() {
+                return std::task::Poll::Ready(Some(first));
+            }
+            if let Some(next) = state.more.pop_front() {
+                return std::task::Poll::Ready(Some(next));
+            }
+            if state.ended {
+                return std::task::Poll::Ready(None);
+            }
+            match &mut state.waker {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                w => *w = Some(cx.waker().clone()),
+            }
+            std::task::Poll::Pending
+        })
+        .await
+    }
+}
+
+/// The routing side of a [`Slot`]: dropping it (the last reply was routed, the
+/// channel closed, the caller gave up) ends the slot.
+struct ReplyTx(Arc<Slot>);
+
+impl Drop for ReplyTx {
+    fn drop(&mut self) {
+        self.0.end();
+    }
+}
+
+/// Call ids are ours (sequential), so a hash that only spreads them is enough; a
+/// peer that sends replies with made-up ids only misses.
+#[derive(Default, Clone, Copy)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u64(&mut self, id: u64) {
+        self.0 = id.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type Pending = HashMap<u64, ReplyTx, std::hash::BuildHasherDefault<IdHasher>>;
 
 /// A channel's one-way states, `closed` and `draining`, with one waiter list for
 /// both. Cheaper than `CancellationToken`s (no separately allocated tree nodes), and
@@ -247,7 +362,7 @@ enum OnClose {
 
 struct Shared {
     channel: Channel,
-    pending: Mutex<HashMap<u64, ReplyTx>>,
+    pending: Mutex<Pending>,
     next_id: AtomicU64,
     states: States,
     /// Incoming calls in flight (permits are returned by [`CallSlot`]).
@@ -270,8 +385,7 @@ impl Shared {
                 bytes.len()
             )));
         }
-        let borrowed: Vec<_> = fds.iter().map(|fd| fd.as_fd()).collect();
-        let sent = match self.channel.try_send(&bytes, &borrowed) {
+        let sent = match self.channel.try_send_any(&bytes, fds) {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 // The peer is not keeping up: what waits here is charged.
                 let _held = match (&self.charge, fds.len()) {
@@ -286,7 +400,7 @@ impl Shared {
                     _ => None,
                 };
                 tokio::select! {
-                    r = self.channel.send_after_full(&bytes, &borrowed, self.limits.send_timeout) => r,
+                    r = self.channel.send_after_full_any(&bytes, fds, self.limits.send_timeout) => r,
                     () = self.states.closed() => return Err(closed_status()),
                 }
             }
@@ -343,22 +457,29 @@ impl Shared {
     fn close(&self) {
         self.states.close();
         self.channel.shutdown();
-        // Waiting callers see their reply sender dropped: UNAVAILABLE.
-        self.pending.lock().unwrap().clear();
+        // Waiting callers see their slots end: UNAVAILABLE. (Ended outside the lock.)
+        let gone = std::mem::take(&mut *self.pending.lock().unwrap());
+        drop(gone);
     }
 
     /// Hands a reply to the call waiting for it. A send error means the caller gave
     /// up; the descriptors close here.
     fn route(&self, reply: Reply, fds: Vec<OwnedFd>) {
         let mut pending = self.pending.lock().unwrap();
-        let tx = if reply.more {
-            pending.get(&reply.id).cloned()
-        } else {
-            pending.remove(&reply.id)
-        };
+        if reply.more {
+            let slot = pending.get(&reply.id).map(|tx| tx.0.clone());
+            drop(pending);
+            match slot {
+                Some(slot) => slot.put((reply, fds)),
+                None => tracing::debug!(id = reply.id, "reply to no outstanding call, dropped"),
+            }
+            return;
+        }
+        let tx = pending.remove(&reply.id);
         drop(pending);
         match tx {
-            Some(tx) => drop(tx.send((reply, fds))),
+            // Dropping `tx` afterwards ends the slot: this was the last reply.
+            Some(tx) => tx.0.put((reply, fds)),
             None => tracing::debug!(id = reply.id, "reply to no outstanding call, dropped"),
         }
     }
@@ -367,12 +488,27 @@ impl Shared {
     /// calls refused (nothing is served on a client's handle). `false`: the channel is
     /// finished (closed, reset or broken) and has been closed.
     fn take_direct(self: &Arc<Self>, received: Received) -> bool {
+        !matches!(self.take_direct_for(received, None), Taken::Finished)
+    }
+
+    /// [`Shared::take_direct`] for the reader of call `mine`: its own reply is returned
+    /// rather than routed, so the reader does not wake itself.
+    fn take_direct_for(self: &Arc<Self>, received: Received, mine: Option<u64>) -> Taken {
         let datagram = match received {
             Ok(Some(d)) => d,
-            Ok(None) => return self.finish(None),
-            Err(e) => return self.finish(Some(e.to_string())),
+            Ok(None) => {
+                self.finish(None);
+                return Taken::Finished;
+            }
+            Err(e) => {
+                self.finish(Some(e.to_string()));
+                return Taken::Finished;
+            }
         };
         match frame::decode(&datagram.bytes) {
+            Ok(Kind::Reply(reply)) if Some(reply.id) == mine => {
+                return Taken::Mine((reply, datagram.fds));
+            }
             Ok(Kind::Reply(reply)) => self.route(reply, datagram.fds),
             Ok(Kind::Call(call)) => {
                 drop(datagram.fds);
@@ -387,9 +523,12 @@ impl Shared {
                         .await;
                 });
             }
-            Err(e) => return self.finish(Some(e.to_string())),
+            Err(e) => {
+                self.finish(Some(e.to_string()));
+                return Taken::Finished;
+            }
         }
-        true
+        Taken::Other
     }
 
     fn finish(&self, why: Option<String>) -> bool {
@@ -399,6 +538,16 @@ impl Shared {
         self.close();
         false
     }
+}
+
+/// What one datagram read by a caller was.
+enum Taken {
+    /// The reply the reader waits for.
+    Mine(Delivery),
+    /// Something else, routed or answered.
+    Other,
+    /// The channel is finished and has been closed.
+    Finished,
 }
 
 fn closed_status() -> Status {
@@ -594,12 +743,16 @@ impl Peer {
             return Err(closed_status());
         }
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::unbounded_channel();
-        shared.pending.lock().unwrap().insert(id, tx);
+        let slot = Arc::new(Slot::default());
+        shared
+            .pending
+            .lock()
+            .unwrap()
+            .insert(id, ReplyTx(slot.clone()));
         let replies = Replies {
             shared: shared.clone(),
             id,
-            rx,
+            slot,
             done: false,
             _method: std::marker::PhantomData,
         };
@@ -616,7 +769,7 @@ impl Peer {
 pub struct Replies<M: Method> {
     shared: Arc<Shared>,
     id: u64,
-    rx: mpsc::UnboundedReceiver<(Reply, Vec<OwnedFd>)>,
+    slot: Arc<Slot>,
     done: bool,
     _method: std::marker::PhantomData<fn() -> M>,
 }
@@ -628,7 +781,7 @@ impl<M: Method> Replies<M> {
             return None;
         }
         let received = match self.shared.direct {
-            false => self.rx.recv().await,
+            false => self.slot.next().await,
             true => self.read_direct().await,
         };
         let Some((reply, fds)) = received else {
@@ -648,23 +801,36 @@ impl<M: Method> Replies<M> {
 
 impl<M: Method> Replies<M> {
     /// Waits for the next reply on a caller-read channel: delivered by whoever holds
-    /// the read lock, or read here once this call holds it.
-    async fn read_direct(&mut self) -> Option<(Reply, Vec<OwnedFd>)> {
+    /// the read lock, or read here once this call holds it. A reply read here for this
+    /// call is returned directly, without passing through the slot.
+    async fn read_direct(&mut self) -> Option<Delivery> {
         let shared = self.shared.clone();
+        match self.slot.take() {
+            Found::Reply(delivery) => return Some(delivery),
+            Found::Ended => return None,
+            Found::Empty => {}
+        }
         tokio::select! {
             biased;
-            reply = self.rx.recv() => reply,
+            delivery = self.slot.next() => delivery,
             guard = shared.read_lock.lock() => {
                 loop {
-                    // Routed to us before we held the lock, or by our own read.
-                    match self.rx.try_recv() {
-                        Ok(reply) => return Some(reply),
-                        Err(mpsc::error::TryRecvError::Disconnected) => return None,
-                        Err(mpsc::error::TryRecvError::Empty) => {}
+                    // Routed to us before we held the lock.
+                    match self.slot.take() {
+                        Found::Reply(delivery) => return Some(delivery),
+                        Found::Ended => return None,
+                        Found::Empty => {}
                     }
-                    if !shared.take_direct(shared.channel.recv().await) {
-                        drop(guard);
-                        return self.rx.try_recv().ok();
+                    match shared.take_direct_for(shared.channel.recv().await, Some(self.id)) {
+                        Taken::Mine(delivery) => return Some(delivery),
+                        Taken::Other => {}
+                        Taken::Finished => {
+                            drop(guard);
+                            return match self.slot.take() {
+                                Found::Reply(delivery) => Some(delivery),
+                                _ => None,
+                            };
+                        }
                     }
                 }
             }
@@ -674,7 +840,11 @@ impl<M: Method> Replies<M> {
 
 impl<M: Method> Drop for Replies<M> {
     fn drop(&mut self) {
-        self.shared.pending.lock().unwrap().remove(&self.id);
+        let tx = self.shared.pending.lock().unwrap().remove(&self.id);
+        // Nobody waits on the slot any more: ending it must not wake this task, which
+        // may have left its waker there (a caller that read its own reply).
+        self.slot.0.lock().unwrap().waker = None;
+        drop(tx);
     }
 }
 
@@ -700,7 +870,7 @@ fn new_shared(
 ) -> Arc<Shared> {
     Arc::new(Shared {
         channel,
-        pending: Mutex::new(HashMap::new()),
+        pending: Mutex::new(Pending::default()),
         next_id: AtomicU64::new(1),
         states: States::default(),
         calls: Semaphore::new(limits.calls_in_flight.max(1)),
@@ -749,11 +919,20 @@ async fn read_frames(
     service: Option<Arc<dyn Service>>,
     parent: &CancellationToken,
 ) {
+    // One waiter for "stop", registered once for the channel's life rather than made
+    // and dropped again around every datagram.
+    let stop = async {
+        tokio::select! {
+            () = shared.states.closed_or_draining() => {}
+            () = parent.cancelled() => {}
+        }
+    };
+    tokio::pin!(stop);
     loop {
         let received = tokio::select! {
+            biased;
+            () = &mut stop => break,
             r = shared.channel.recv() => r,
-            () = shared.states.closed_or_draining() => break,
-            () = parent.cancelled() => break,
         };
         let datagram = match received {
             Ok(Some(d)) => d,
@@ -779,68 +958,94 @@ async fn read_frames(
         match frame {
             Kind::Reply(reply) => shared.route(reply, datagram.fds),
             Kind::Call(call) => {
-                tokio::select! {
-                    p = shared.calls.acquire() => p.expect("semaphore never closed").forget(),
-                    () = shared.states.closed_or_draining() => break,
-                    () = parent.cancelled() => break,
-                };
-                // And a place among the group's, if the channel is in one.
-                let group = match &shared.group_calls {
-                    None => None,
-                    Some(group) => tokio::select! {
-                        p = group.clone().acquire_owned() => Some(p.expect("semaphore never closed")),
-                        () = shared.states.closed_or_draining() => {
-                            shared.calls.add_permits(1);
-                            break;
-                        }
-                        () = parent.cancelled() => {
-                            shared.calls.add_permits(1);
-                            break;
-                        }
-                    },
-                };
-                let slot = CallSlot {
-                    shared: shared.clone(),
-                    _group: group,
-                };
-                let id = call.id;
-                let request = Request {
-                    method: call.method,
-                    message: call.message,
-                    fds: datagram.fds,
-                };
-                let Some(service) = service.clone() else {
-                    let refusal = Status::unimplemented(format!(
-                        "Method {} is not served on this channel",
-                        request.method
-                    ));
-                    answer(shared, id, Err(refusal), slot).await;
-                    continue;
-                };
-                let sink = StreamSink {
-                    shared: shared.clone(),
-                    id,
-                };
-                let mut work = service.call(request, sink);
-                // Most calls (a server taking a connection, a registration) finish on
-                // their first poll: answer those here, with no task to spawn and wake.
-                match futures::poll!(&mut work) {
-                    std::task::Poll::Ready(result) => answer(shared, id, result, slot).await,
-                    std::task::Poll::Pending => {
-                        let shared = shared.clone();
-                        tokio::spawn(async move {
-                            let result = tokio::select! {
-                                r = work => r,
-                                // The caller is gone: abandon the work, close its descriptors.
-                                () = shared.states.closed() => return,
-                            };
-                            answer(&shared, id, result, slot).await;
-                        });
-                    }
+                if !serve_call(shared, service.as_ref(), parent, call, datagram.fds).await {
+                    break;
                 }
             }
         }
     }
+}
+
+/// Serves one incoming call: waits for its place among the calls in flight (and the
+/// group's), then answers it inline if the service finishes on its first poll, or
+/// from a task of its own. `false`: the channel is closing, stop reading.
+async fn serve_call(
+    shared: &Arc<Shared>,
+    service: Option<&Arc<dyn Service>>,
+    parent: &CancellationToken,
+    call: crate::Call,
+    fds: Vec<OwnedFd>,
+) -> bool {
+    let cancelled = parent.cancelled();
+    tokio::pin!(cancelled);
+    // A free place is taken at once; only a full channel waits (and watches for
+    // the channel closing meanwhile).
+    match shared.calls.try_acquire() {
+        Ok(p) => p.forget(),
+        Err(_) => tokio::select! {
+            p = shared.calls.acquire() => p.expect("semaphore never closed").forget(),
+            () = shared.states.closed_or_draining() => return false,
+            () = &mut cancelled => return false,
+        },
+    }
+    // And a place among the group's, if the channel is in one.
+    let group = match &shared.group_calls {
+        None => None,
+        Some(group) => match group.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) => tokio::select! {
+            p = group.clone().acquire_owned() => Some(p.expect("semaphore never closed")),
+            () = shared.states.closed_or_draining() => {
+                shared.calls.add_permits(1);
+                return false;
+            }
+            () = &mut cancelled => {
+                shared.calls.add_permits(1);
+                return false;
+            }
+            },
+        },
+    };
+    let slot = CallSlot {
+        shared: shared.clone(),
+        _group: group,
+    };
+    let id = call.id;
+    let request = Request {
+        method: call.method,
+        message: call.message,
+        fds,
+    };
+    let Some(service) = service.cloned() else {
+        let refusal = Status::unimplemented(format!(
+            "Method {} is not served on this channel",
+            request.method
+        ));
+        answer(shared, id, Err(refusal), slot).await;
+        return true;
+    };
+    let sink = StreamSink {
+        shared: shared.clone(),
+        id,
+    };
+    let mut work = service.call(request, sink);
+    // Most calls (a server taking a connection, a registration) finish on their
+    // first poll: answer those here, with no task to spawn and wake.
+    match futures::poll!(&mut work) {
+        std::task::Poll::Ready(result) => answer(shared, id, result, slot).await,
+        std::task::Poll::Pending => {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let result = tokio::select! {
+                    r = work => r,
+                    // The caller is gone: abandon the work, close its descriptors.
+                    () = shared.states.closed() => return,
+                };
+                answer(&shared, id, result, slot).await;
+            });
+        }
+    }
+    true
 }
 
 /// Sends the final reply of call `id`, then frees its slot.

@@ -74,9 +74,13 @@ impl Channel {
 
     /// One non-blocking attempt: `WouldBlock` when the peer's queue is full.
     pub fn try_send(&self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
-        sys::check_limits(bytes, fds.len())?;
-        let raw: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
-        sys::send_now(self.fd.get_ref().as_raw_fd(), bytes, &raw)
+        self.try_send_any(bytes, fds)
+    }
+
+    /// [`Channel::try_send`] for descriptors of any kind (no list of borrows to build).
+    pub(crate) fn try_send_any<F: AsFd>(&self, bytes: &[u8], fds: &[F]) -> io::Result<()> {
+        let (raw, n) = sys::raw_fds(fds)?;
+        sys::send_now(self.fd.get_ref().as_raw_fd(), bytes, &raw[..n])
     }
 
     /// After a [`Channel::try_send`] that would block: waits for room (at most
@@ -90,19 +94,29 @@ impl Channel {
         self.send_inner(bytes, fds, patience, true).await
     }
 
+    /// [`Channel::send_after_full`] for descriptors of any kind.
+    pub(crate) async fn send_after_full_any<F: AsFd>(
+        &self,
+        bytes: &[u8],
+        fds: &[F],
+        patience: Option<Duration>,
+    ) -> io::Result<()> {
+        self.send_inner(bytes, fds, patience, true).await
+    }
+
     /// `wait_only`: the caller already found the queue full. With `patience`, gives
     /// up with `TimedOut` when the queue stays full that long (a peer that does not
     /// read); no timer is armed unless the queue is full.
-    async fn send_inner(
+    async fn send_inner<F: AsFd>(
         &self,
         bytes: &[u8],
-        fds: &[BorrowedFd<'_>],
+        fds: &[F],
         patience: Option<Duration>,
         wait_only: bool,
     ) -> io::Result<()> {
         sys::check_limits(bytes, fds.len())?;
-        let raw: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
-        let send_on = |fd: RawFd| sys::send_now(fd, bytes, &raw);
+        let (raw, n) = sys::raw_fds(fds)?;
+        let send_on = |fd: RawFd| sys::send_now(fd, bytes, &raw[..n]);
         if !wait_only {
             match send_on(self.fd.get_ref().as_raw_fd()) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}

@@ -24,14 +24,12 @@
 #![allow(unsafe_code)]
 
 use std::cell::RefCell;
-use std::io::{self, IoSlice};
+use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::time::Duration;
 
-use nix::sys::socket::{
-    self, AddressFamily, Backlog, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr,
-};
+use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
@@ -184,9 +182,19 @@ pub fn claim_inherited(raw: RawFd) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// A receive's buffers: data, one byte over the limit, and control, in u64 words so
+/// that they are aligned for `cmsghdr`. Per thread and reused: the kernel writes what
+/// it returns and nothing else is read, so nothing is cleared per call.
+struct RecvBufs {
+    data: [Vec<u8>; 2],
+    control: Box<[[u64; CMSG_BUF_LEN.div_ceil(8)]; 2]>,
+}
+
 thread_local! {
-    static RECV_BUFS: RefCell<[Vec<u8>; 2]> =
-        RefCell::new([vec![0; MAX_DATAGRAM + 1], vec![0; MAX_DATAGRAM + 1]]);
+    static RECV_BUFS: RefCell<RecvBufs> = RefCell::new(RecvBufs {
+        data: [vec![0; MAX_DATAGRAM + 1], vec![0; MAX_DATAGRAM + 1]],
+        control: Box::new([[0u64; CMSG_BUF_LEN.div_ceil(8)]; 2]),
+    });
 }
 
 /// One non-blocking `recvmmsg` for up to two datagrams. The outer error is for the
@@ -259,22 +267,23 @@ pub fn recv_blocking(fd: BorrowedFd<'_>) -> io::Result<Received> {
 
 /// Sends one datagram on a blocking socket, as [`Channel::send`] does.
 pub fn send_blocking(fd: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
-    check_limits(bytes, fds.len())?;
-    let raw: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
-    let rights = [ControlMessage::ScmRights(&raw)];
-    let cmsgs: &[ControlMessage] = if raw.is_empty() { &[] } else { &rights };
-    loop {
-        match socket::sendmsg::<()>(
-            fd.as_raw_fd(),
-            &[IoSlice::new(bytes)],
-            cmsgs,
-            MsgFlags::MSG_NOSIGNAL,
-            None,
-        ) {
-            Err(nix::errno::Errno::EINTR) => continue,
-            done => return done.map(drop).map_err(io::Error::from),
-        }
+    let (raw, n) = raw_fds(fds)?;
+    send_msg(fd.as_raw_fd(), bytes, &raw[..n], libc::MSG_NOSIGNAL)
+}
+
+/// The raw numbers of at most [`MAX_FDS`] descriptors, on the stack.
+pub(super) fn raw_fds<F: AsFd>(fds: &[F]) -> io::Result<([RawFd; MAX_FDS], usize)> {
+    let mut raw = [-1; MAX_FDS];
+    if fds.len() > MAX_FDS {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "datagram over the limits",
+        ));
     }
+    for (slot, fd) in raw.iter_mut().zip(fds) {
+        *slot = fd.as_fd().as_raw_fd();
+    }
+    Ok((raw, fds.len()))
 }
 
 /// One `recvmmsg` for up to `count` (1 or 2) datagrams.
@@ -283,40 +292,43 @@ pub(super) fn recv_up_to(
     count: usize,
     flags: libc::c_int,
 ) -> io::Result<(Received, Option<Received>)> {
-    RECV_BUFS.with_borrow_mut(|bufs| {
-        // u64 words keep the control buffers aligned for `cmsghdr`.
-        let mut control = [[0u64; CMSG_BUF_LEN.div_ceil(8)]; 2];
-        let mut iovs = [0, 1].map(|i| libc::iovec {
-            iov_base: bufs[i].as_mut_ptr().cast(),
-            iov_len: bufs[i].len(),
-        });
-        // SAFETY: mmsghdr is plain data; every pointer set below outlives the call.
-        let mut msgs: [libc::mmsghdr; 2] = unsafe { std::mem::zeroed() };
-        for (i, m) in msgs.iter_mut().enumerate() {
-            m.msg_hdr.msg_iov = &mut iovs[i];
-            m.msg_hdr.msg_iovlen = 1;
-            m.msg_hdr.msg_control = control[i].as_mut_ptr().cast();
-            m.msg_hdr.msg_controllen = std::mem::size_of_val(&control[i]) as _;
-        }
-        let flags = libc::MSG_CMSG_CLOEXEC | flags;
-        let count = count.clamp(1, 2) as libc::c_uint;
-        // SAFETY: `msgs` describes valid, writable buffers of the stated lengths.
-        let n = unsafe {
-            libc::recvmmsg(
-                fd,
-                msgs.as_mut_ptr(),
-                count,
-                flags as _,
-                std::ptr::null_mut(),
-            )
-        };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let first = finish(&msgs[0], &bufs[0]);
-        let second = (n >= 2).then(|| finish(&msgs[1], &bufs[1]));
-        Ok((first, second))
-    })
+    RECV_BUFS.with_borrow_mut(
+        |RecvBufs {
+             data: bufs,
+             control,
+         }| {
+            let mut iovs = [0, 1].map(|i| libc::iovec {
+                iov_base: bufs[i].as_mut_ptr().cast(),
+                iov_len: bufs[i].len(),
+            });
+            // SAFETY: mmsghdr is plain data; every pointer set below outlives the call.
+            let mut msgs: [libc::mmsghdr; 2] = unsafe { std::mem::zeroed() };
+            for (i, m) in msgs.iter_mut().enumerate() {
+                m.msg_hdr.msg_iov = &mut iovs[i];
+                m.msg_hdr.msg_iovlen = 1;
+                m.msg_hdr.msg_control = control[i].as_mut_ptr().cast();
+                m.msg_hdr.msg_controllen = std::mem::size_of_val(&control[i]) as _;
+            }
+            let flags = libc::MSG_CMSG_CLOEXEC | flags;
+            let count = count.clamp(1, 2) as libc::c_uint;
+            // SAFETY: `msgs` describes valid, writable buffers of the stated lengths.
+            let n = unsafe {
+                libc::recvmmsg(
+                    fd,
+                    msgs.as_mut_ptr(),
+                    count,
+                    flags as _,
+                    std::ptr::null_mut(),
+                )
+            };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let first = finish(&msgs[0], &bufs[0]);
+            let second = (n >= 2).then(|| finish(&msgs[1], &bufs[1]));
+            Ok((first, second))
+        },
+    )
 }
 
 /// Checks one received message and takes ownership of what it carried.
@@ -373,18 +385,54 @@ pub fn register(fd: OwnedFd, interest: Interest) -> io::Result<AsyncFd<OwnedFd>>
 
 /// One non-blocking `sendmsg` of a datagram and its descriptors (`WouldBlock` when the
 /// peer's queue is full). Atomic: the whole frame and all descriptors, or nothing.
+/// The control message is built on the stack (at most [`MAX_FDS`] descriptors), so a
+/// send allocates nothing.
 pub(super) fn send_now(fd: RawFd, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
-    let rights = [ControlMessage::ScmRights(fds)];
-    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
-    socket::sendmsg::<()>(
-        fd,
-        &[IoSlice::new(bytes)],
-        cmsgs,
-        MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
-        None,
-    )
-    .map(drop)
-    .map_err(io::Error::from)
+    send_msg(fd, bytes, fds, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
+}
+
+fn send_msg(fd: RawFd, bytes: &[u8], fds: &[RawFd], flags: libc::c_int) -> io::Result<()> {
+    check_limits(bytes, fds.len())?;
+    // Room for one SCM_RIGHTS header and MAX_FDS descriptors, aligned for `cmsghdr`.
+    let mut control = [0u64; 8];
+    const _: () = assert!(64 >= 16 + MAX_FDS * 4, "control buffer too small");
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr().cast_mut().cast(),
+        iov_len: bytes.len(),
+    };
+    // SAFETY: msghdr is plain data; the pointers set below outlive the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if !fds.is_empty() {
+        let len = std::mem::size_of_val(fds) as libc::c_uint;
+        msg.msg_control = control.as_mut_ptr().cast();
+        // SAFETY: CMSG_SPACE/CMSG_LEN only compute sizes.
+        msg.msg_controllen = unsafe { libc::CMSG_SPACE(len) } as _;
+        // SAFETY: the control buffer holds CMSG_SPACE(len) bytes (asserted above), so
+        // the first header and its data fit in it.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(len) as _;
+            std::ptr::copy_nonoverlapping(
+                fds.as_ptr(),
+                libc::CMSG_DATA(cmsg).cast::<RawFd>(),
+                fds.len(),
+            );
+        }
+    }
+    loop {
+        // SAFETY: `msg` describes valid buffers of the stated lengths.
+        if unsafe { libc::sendmsg(fd, &msg, flags) } >= 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
 }
 
 /// `Err(InvalidInput)` for a datagram over the protocol's limits.
