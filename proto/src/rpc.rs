@@ -686,6 +686,14 @@ impl Peer {
         shared.states.is_closed()
     }
 
+    /// Whether the channel is closed or its other end has hung up (the kernel says
+    /// so at once, before the reader has seen the end of what is queued): one
+    /// zero-timeout poll unless already closed.
+    pub fn peer_closed(&self) -> bool {
+        let shared = &self.owner.shared;
+        shared.states.is_closed() || shared.channel.peer_closed()
+    }
+
     /// Runs `hook` once the channel is closed and its reader has stopped (at once if
     /// that already happened). One hook per peer; a later one replaces an earlier.
     /// Cheaper than a task waiting on [`Peer::closed`], for one per registration.

@@ -64,6 +64,9 @@ pub enum Lookup {
     Ambiguous(TargetId, TargetId),
 }
 
+/// Matching targets [`Directory::insert_over`] checks for being gone.
+pub const MAX_GONE: usize = 4;
+
 /// Multi-key projection indexes a group builds; beyond them lookups filter a bucket.
 pub const MAX_COMPOSITE_INDEXES: usize = 16;
 
@@ -153,6 +156,25 @@ impl<T> Directory<T> {
     #[doc(hidden)]
     pub fn probes(&self) -> u64 {
         self.probes
+    }
+
+    /// [`Directory::insert`], except that matching targets for which `gone` holds
+    /// (say, their registrant has exited and its removal is still on its way) do not
+    /// refuse it: they are removed first. At most [`MAX_GONE`] are looked at.
+    pub fn insert_over(
+        &mut self,
+        labels: Labels,
+        value: T,
+        gone: impl Fn(&T) -> bool,
+    ) -> Result<TargetId, T> {
+        let matches = self.matching_after(&labels, 0, MAX_GONE + 1);
+        if matches.len() > MAX_GONE || !matches.iter().all(|id| gone(&self.targets[id].0.value)) {
+            return Err(value);
+        }
+        for id in matches {
+            self.remove(id);
+        }
+        self.insert(labels, value)
     }
 
     /// Registers a target unless an existing one does not contradict it; on refusal the

@@ -291,7 +291,11 @@ impl Handle {
             .directory
             .lock()
             .unwrap()
-            .insert(labels, entry)
+            // A registrant that has just exited may still be in the directory (its
+            // removal runs when its channel's reader sees the end): one whose peer
+            // has hung up does not refuse a successor, so `flower cat -l` run again
+            // at once under the same labels is not refused.
+            .insert_over(labels, entry, |old| old.peer.peer_closed())
             .map_err(|_| {
                 tracing::debug!("registration refused: another target does not contradict it");
                 Status::failed_precondition("Another target with no conflicting labels exists")

@@ -202,6 +202,22 @@ impl Channel {
     pub fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.get_ref().as_fd()
     }
+
+    /// Whether the other end has closed, whatever is still queued to read (a
+    /// zero-timeout `poll` for a hang-up).
+    pub fn peer_closed(&self) -> bool {
+        use rustix::event::{PollFd, PollFlags, Timespec, poll};
+        let fd = self.as_fd();
+        let mut fds = [PollFd::new(&fd, PollFlags::RDHUP)];
+        let now = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        poll(&mut fds, Some(&now)).is_ok()
+            && fds[0]
+                .revents()
+                .intersects(PollFlags::HUP | PollFlags::RDHUP | PollFlags::ERR)
+    }
 }
 
 /// A listening SOCK_SEQPACKET Unix socket.
