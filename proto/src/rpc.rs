@@ -904,6 +904,9 @@ impl Drop for CallSlot {
     }
 }
 
+/// Datagrams a reader takes in a row, without waiting, before it lets other tasks run.
+const BURST: u32 = 8;
+
 async fn read_loop(
     shared: Arc<Shared>,
     service: Option<Arc<dyn Service>>,
@@ -936,11 +939,34 @@ async fn read_frames(
         }
     };
     tokio::pin!(stop);
+    // Datagrams taken without waiting since this task last let others run. A peer
+    // that keeps its queue full (a flood) would otherwise keep the thread for a whole
+    // coop budget of calls per turn, and with many such channels everyone else's
+    // calls wait behind all of them.
+    let mut burst = 0;
     loop {
-        let received = tokio::select! {
-            biased;
-            () = &mut stop => break,
-            r = shared.channel.recv() => r,
+        if futures::poll!(&mut stop).is_ready() {
+            break;
+        }
+        let recv = shared.channel.recv();
+        tokio::pin!(recv);
+        let received = match futures::poll!(&mut recv) {
+            std::task::Poll::Ready(r) => {
+                burst += 1;
+                if burst > BURST {
+                    burst = 0;
+                    tokio::task::yield_now().await;
+                }
+                r
+            }
+            std::task::Poll::Pending => {
+                burst = 0;
+                tokio::select! {
+                    biased;
+                    () = &mut stop => break,
+                    r = &mut recv => r,
+                }
+            }
         };
         let datagram = match received {
             Ok(Some(d)) => d,
