@@ -385,7 +385,7 @@ impl Shared {
                 bytes.len()
             )));
         }
-        let sent = match self.channel.try_send_any(&bytes, fds) {
+        let sent = match self.channel.try_send(&bytes, fds) {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 // The peer is not keeping up: what waits here is charged.
                 let _held = match (&self.charge, fds.len()) {
@@ -400,7 +400,7 @@ impl Shared {
                     _ => None,
                 };
                 tokio::select! {
-                    r = self.channel.send_after_full_any(&bytes, fds, self.limits.send_timeout) => r,
+                    r = self.channel.send_after_full(&bytes, fds, self.limits.send_timeout) => r,
                     () = self.states.closed() => return Err(closed_status()),
                 }
             }

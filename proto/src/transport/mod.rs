@@ -72,30 +72,17 @@ impl Channel {
         self.send_inner(bytes, fds, None, false).await
     }
 
-    /// One non-blocking attempt: `WouldBlock` when the peer's queue is full.
-    pub fn try_send(&self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
-        self.try_send_any(bytes, fds)
-    }
-
-    /// [`Channel::try_send`] for descriptors of any kind (no list of borrows to build).
-    pub(crate) fn try_send_any<F: AsFd>(&self, bytes: &[u8], fds: &[F]) -> io::Result<()> {
+    /// One non-blocking attempt: `WouldBlock` when the peer's queue is full. The
+    /// descriptors may be of any kind (`OwnedFd`, `BorrowedFd`, …): no list of
+    /// borrows is built.
+    pub fn try_send<F: AsFd>(&self, bytes: &[u8], fds: &[F]) -> io::Result<()> {
         let (raw, n) = sys::raw_fds(fds)?;
         sys::send_now(self.fd.get_ref().as_raw_fd(), bytes, &raw[..n])
     }
 
     /// After a [`Channel::try_send`] that would block: waits for room (at most
     /// `patience`, then `TimedOut`) and sends.
-    pub async fn send_after_full(
-        &self,
-        bytes: &[u8],
-        fds: &[BorrowedFd<'_>],
-        patience: Option<Duration>,
-    ) -> io::Result<()> {
-        self.send_inner(bytes, fds, patience, true).await
-    }
-
-    /// [`Channel::send_after_full`] for descriptors of any kind.
-    pub(crate) async fn send_after_full_any<F: AsFd>(
+    pub async fn send_after_full<F: AsFd>(
         &self,
         bytes: &[u8],
         fds: &[F],
