@@ -234,37 +234,38 @@ impl Slot {
     }
 
     fn take(&self) -> Found {
-        let mut state = self.0.lock().unwrap();
-        if let Some(first) = state.first.take() {
-            return Found::Reply(first);
-        }
-        match state.more.pop_front() {
-            Some(next) => Found::Reply(next),
-            None if state.ended => Found::Ended,
-            None => Found::Empty,
-        }
+        self.0.lock().unwrap().pop()
     }
 
     /// Waits for the next reply; `None` once none will come.
     async fn next(&self) -> Option<Delivery> {
         std::future::poll_fn(|cx| {
+            // The waker is left under the same lock that found the slot empty, so a
+            // reply put in meanwhile cannot be missed.
             let mut state = self.0.lock().unwrap();
-            if let Some(first) = state.first.take() {
-                return std::task::Poll::Ready(Some(first));
+            match state.pop() {
+                Found::Reply(delivery) => std::task::Poll::Ready(Some(delivery)),
+                Found::Ended => std::task::Poll::Ready(None),
+                Found::Empty => {
+                    match &mut state.waker {
+                        Some(w) if w.will_wake(cx.waker()) => {}
+                        w => *w = Some(cx.waker().clone()),
+                    }
+                    std::task::Poll::Pending
+                }
             }
-            if let Some(next) = state.more.pop_front() {
-                return std::task::Poll::Ready(Some(next));
-            }
-            if state.ended {
-                return std::task::Poll::Ready(None);
-            }
-            match &mut state.waker {
-                Some(w) if w.will_wake(cx.waker()) => {}
-                w => *w = Some(cx.waker().clone()),
-            }
-            std::task::Poll::Pending
         })
         .await
+    }
+}
+
+impl SlotState {
+    fn pop(&mut self) -> Found {
+        match self.first.take().or_else(|| self.more.pop_front()) {
+            Some(delivery) => Found::Reply(delivery),
+            None if self.ended => Found::Ended,
+            None => Found::Empty,
+        }
     }
 }
 
