@@ -167,21 +167,34 @@ impl<T> Directory<T> {
         value: T,
         gone: impl Fn(&T) -> bool,
     ) -> Result<TargetId, T> {
-        let matches = self.matching_after(&labels, 0, MAX_GONE + 1);
-        if matches.len() > MAX_GONE || !matches.iter().all(|id| gone(&self.targets[id].0.value)) {
-            return Err(value);
+        if self.clashes(&labels) {
+            // Every match is found (at most MAX_GONE), so once they are removed
+            // nothing else clashes.
+            let matches = self.matching_after(&labels, 0, MAX_GONE + 1);
+            if matches.len() > MAX_GONE || !matches.iter().all(|id| gone(&self.targets[id].0.value))
+            {
+                return Err(value);
+            }
+            for id in matches {
+                self.remove(id);
+            }
         }
-        for id in matches {
-            self.remove(id);
-        }
-        self.insert(labels, value)
+        Ok(self.add(labels, value))
     }
 
     /// Registers a target unless an existing one does not contradict it; on refusal the
     /// value is handed back.
     pub fn insert(&mut self, labels: Labels, value: T) -> Result<TargetId, T> {
+        if self.clashes(&labels) {
+            return Err(value);
+        }
+        Ok(self.add(labels, value))
+    }
+
+    /// Whether some target does not contradict `labels` (stops at the first).
+    fn clashes(&mut self, labels: &Labels) -> bool {
         let mut clash = false;
-        self.for_each_match(&labels, 0, |bucket| {
+        self.for_each_match(labels, 0, |bucket| {
             clash = bucket.next().is_some();
             if clash {
                 ControlFlow::Break(())
@@ -189,9 +202,11 @@ impl<T> Directory<T> {
                 ControlFlow::Continue(())
             }
         });
-        if clash {
-            return Err(value);
-        }
+        clash
+    }
+
+    /// Adds a target that clashes with none.
+    fn add(&mut self, labels: Labels, value: T) -> TargetId {
         let id = self.next_id;
         self.next_id += 1;
         let keys: KeySet = labels.keys().cloned().collect::<Vec<_>>().into();
@@ -217,7 +232,7 @@ impl<T> Directory<T> {
         }
         self.all.insert(id);
         self.targets.insert(id, (Entry { labels, value }, slot));
-        Ok(id)
+        id
     }
 
     fn new_group(&mut self, keys: KeySet) -> Slot {
