@@ -128,12 +128,7 @@ impl Resolvers {
     /// connects.
     pub fn insert(&mut self, in_labels: Labels, resolver: Arc<Resolver>) -> Result<TargetId, ()> {
         let key = (resolver.keys.clone(), resolver.scope.clone());
-        let items = self.items(
-            key.0
-                .iter()
-                .map(|k| (k.as_str(), None))
-                .chain(key.1.iter().map(|(k, v)| (k.as_str(), Some(v.as_str())))),
-        );
+        let items = self.group_items(&key);
         self.groups
             .entry(&items, BTreeMap::new)
             .entry(key)
@@ -144,12 +139,7 @@ impl Resolvers {
 
     /// Removes resolver `id` of the group `key` (its keys and scope).
     pub fn remove(&mut self, key: &GroupKey, id: TargetId) {
-        let items = self.items(
-            key.0
-                .iter()
-                .map(|k| (k.as_str(), None))
-                .chain(key.1.iter().map(|(k, v)| (k.as_str(), Some(v.as_str())))),
-        );
+        let items = self.group_items(key);
         let Some(node) = self.groups.get_mut(&items) else {
             return;
         };
@@ -162,6 +152,16 @@ impl Resolvers {
         if node.is_empty() {
             self.groups.remove(&items);
         }
+    }
+
+    /// What a connect must carry for the group `key` to apply: each resolve key and
+    /// each scope label.
+    fn group_items(&self, (keys, scope): &GroupKey) -> Vec<u64> {
+        self.items(
+            keys.iter()
+                .map(|k| (k.as_str(), None))
+                .chain(scope.iter().map(|(k, v)| (k.as_str(), Some(v.as_str())))),
+        )
     }
 
     /// The sorted, distinct hashes of `items`: a key (`None`: must be present) or a
