@@ -16,6 +16,12 @@ use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use flower_tools::ready::{ReadyFd, Startup};
 
+/// The daemon's connect path allocates many small, short-lived blocks (frames, labels,
+/// tokio's aligned task cells); mimalloc serves them in a fraction of glibc's
+/// instructions (BENCHMARKS.md, "Connect path, third pass").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use args::{UsageError, default_path, parse_labels, parse_seconds, path_and_labels};
 
 /// Label-routed socket switchboard.
