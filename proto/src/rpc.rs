@@ -387,23 +387,11 @@ impl Shared {
             )));
         }
         let sent = match self.channel.try_send(&bytes, fds) {
+            // The peer is not keeping up. Boxed: every future that sends (a reply, a
+            // call, a spawned call's whole task) would otherwise carry this rare
+            // wait's timer and waiters inline, and be copied with them.
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                // The peer is not keeping up: what waits here is charged.
-                let _held = match (&self.charge, fds.len()) {
-                    (Some(charge), n) if n > 0 => {
-                        if !charge.take(n) {
-                            return Err(Status::resource_exhausted(
-                                "Too many descriptors are waiting for peers that do not read",
-                            ));
-                        }
-                        Some(Held(&**charge, n))
-                    }
-                    _ => None,
-                };
-                tokio::select! {
-                    r = self.channel.send_after_full(&bytes, fds, self.limits.send_timeout) => r,
-                    () = self.states.closed() => return Err(closed_status()),
-                }
+                Box::pin(self.send_when_room(&bytes, fds)).await?
             }
             done => done,
         };
@@ -419,6 +407,30 @@ impl Shared {
                 Err(closed_status())
             }
             Err(e) => Err(Status::resource_exhausted(format!("Cannot send: {e}"))),
+        }
+    }
+
+    /// Waits for room in the peer's queue (bounded by the send timeout), charging the
+    /// descriptors that wait; `Err` when they cannot be charged or the channel closes.
+    async fn send_when_room(
+        &self,
+        bytes: &[u8],
+        fds: &[OwnedFd],
+    ) -> Result<std::io::Result<()>, Status> {
+        let _held = match (&self.charge, fds.len()) {
+            (Some(charge), n) if n > 0 => {
+                if !charge.take(n) {
+                    return Err(Status::resource_exhausted(
+                        "Too many descriptors are waiting for peers that do not read",
+                    ));
+                }
+                Some(Held(&**charge, n))
+            }
+            _ => None,
+        };
+        tokio::select! {
+            r = self.channel.send_after_full(bytes, fds, self.limits.send_timeout) => Ok(r),
+            () = self.states.closed() => Err(closed_status()),
         }
     }
 
@@ -946,7 +958,8 @@ async fn read_frames(
     // calls wait behind all of them.
     let mut burst = 0;
     loop {
-        if futures::poll!(&mut stop).is_ready() {
+        // The flags, not the waiter: polling a registered waiter takes its list's lock.
+        if shared.states.is_closed() || shared.states.is_draining() || parent.is_cancelled() {
             break;
         }
         let recv = shared.channel.recv();
@@ -1011,8 +1024,6 @@ async fn serve_call(
     call: crate::Call,
     fds: Vec<OwnedFd>,
 ) -> bool {
-    let cancelled = parent.cancelled();
-    tokio::pin!(cancelled);
     // A free place is taken at once; only a full channel waits (and watches for
     // the channel closing meanwhile).
     match shared.calls.try_acquire() {
@@ -1020,7 +1031,7 @@ async fn serve_call(
         Err(_) => tokio::select! {
             p = shared.calls.acquire() => p.expect("semaphore never closed").forget(),
             () = shared.states.closed_or_draining() => return false,
-            () = &mut cancelled => return false,
+            () = parent.cancelled() => return false,
         },
     }
     // And a place among the group's, if the channel is in one.
@@ -1034,7 +1045,7 @@ async fn serve_call(
                 shared.calls.add_permits(1);
                 return false;
             }
-            () = &mut cancelled => {
+            () = parent.cancelled() => {
                 shared.calls.add_permits(1);
                 return false;
             }

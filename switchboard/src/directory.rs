@@ -39,7 +39,7 @@
 
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeSet, HashMap};
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
 use std::ops::ControlFlow;
 use std::sync::Arc;
 
@@ -76,16 +76,48 @@ type Projection = Box<[u16]>;
 /// Where a group lives in [`Directory::groups`]; reused once the group is gone.
 type Slot = u32;
 
+/// A map keyed by numbers nobody outside chooses: target ids and group slots (ours,
+/// sequential), keyed SipHash values of pairs and projections (already spread, and
+/// secret), projections (at most a few per group). One multiply spreads them; SipHash
+/// again would cost a connect about 1k instructions across the lookup's probes.
+type NumMap<K, V> = HashMap<K, V, BuildHasherDefault<Spread>>;
+
+#[derive(Default, Clone, Copy)]
+struct Spread(u64);
+
+impl Hasher for Spread {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+    fn write_u16(&mut self, n: u16) {
+        self.write_u64(u64::from(n));
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
 #[derive(Debug)]
 struct Group {
     keys: KeySet,
     members: BTreeSet<TargetId>,
-    indexes: HashMap<Projection, HashMap<u64, BTreeSet<TargetId>>>,
+    indexes: NumMap<Projection, NumMap<u64, BTreeSet<TargetId>>>,
 }
 
 #[derive(Debug)]
 pub struct Directory<T> {
-    targets: HashMap<TargetId, (Entry<T>, Slot)>,
+    targets: NumMap<TargetId, (Entry<T>, Slot)>,
     groups: Vec<Option<Group>>,
     free: Vec<Slot>,
     slots: HashMap<KeySet, Slot>,
@@ -95,7 +127,7 @@ pub struct Directory<T> {
     with_key: HashMap<String, RoaringBitmap>,
     /// Per `key = value` (its keyed hash): the groups with members carrying it, and
     /// how many.
-    with_pair: HashMap<u64, HashMap<Slot, u32>>,
+    with_pair: NumMap<u64, NumMap<Slot, u32>>,
     /// Every target, oldest first: the answer to a lookup with no labels.
     all: BTreeSet<TargetId>,
     hasher: RandomState,
@@ -106,13 +138,13 @@ pub struct Directory<T> {
 impl<T> Default for Directory<T> {
     fn default() -> Self {
         Directory {
-            targets: HashMap::new(),
+            targets: NumMap::default(),
             groups: Vec::new(),
             free: Vec::new(),
             slots: HashMap::new(),
             live: RoaringBitmap::new(),
             with_key: HashMap::new(),
-            with_pair: HashMap::new(),
+            with_pair: NumMap::default(),
             all: BTreeSet::new(),
             hasher: RandomState::new(),
             next_id: 1,
@@ -242,7 +274,7 @@ impl<T> Directory<T> {
         let group = Group {
             keys: keys.clone(),
             members: BTreeSet::new(),
-            indexes: HashMap::from([(every_key, HashMap::new())]),
+            indexes: NumMap::from_iter([(every_key, NumMap::default())]),
         };
         let slot = match self.free.pop() {
             Some(slot) => {
@@ -376,7 +408,7 @@ impl<T> Directory<T> {
         let groups = self.live.len();
         let pair = |k: &str, v: &str| self.with_pair.get(&pair_hash(&self.hasher, k, v));
         // A key every group has: only groups carrying its pair can match.
-        let mut rarest: Option<Option<&HashMap<Slot, u32>>> = None;
+        let mut rarest: Option<Option<&NumMap<Slot, u32>>> = None;
         for (k, v) in labels {
             if self
                 .with_key
@@ -447,12 +479,14 @@ impl<T> Directory<T> {
                 }
                 continue;
             }
-            let composites = group.indexes.keys().filter(|p| p.len() > 1).count();
-            let probe = if group.indexes.contains_key(&projection) {
-                projection.clone()
-            } else if projection.len() == 1 || composites < MAX_COMPOSITE_INDEXES {
+            // `None`: the projection's own index.
+            let other: Option<Projection> = if group.indexes.contains_key(&projection) {
+                None
+            } else if projection.len() == 1
+                || group.indexes.keys().filter(|p| p.len() > 1).count() < MAX_COMPOSITE_INDEXES
+            {
                 group.build_index(projection.clone(), &keys, targets, hasher);
-                projection.clone()
+                None
             } else {
                 // Out of composite indexes: every single key of the projection gets
                 // one (at most one per key, ever), then the smallest bucket among the
@@ -471,11 +505,12 @@ impl<T> Directory<T> {
                         let hash = project_hash(hasher, &keys, q, labels);
                         index.get(&hash).map_or(0, BTreeSet::len)
                     })
-                    .map(|(q, _)| q.clone())
+                    .map(|(q, _)| Some(q.clone()))
                     .expect("single-key indexes on the projection exist")
             };
-            let index = &group.indexes[&probe];
-            let hash = project_hash(hasher, &keys, &probe, labels);
+            let probe: &[u16] = other.as_deref().unwrap_or(&projection);
+            let index = &group.indexes[probe];
+            let hash = project_hash(hasher, &keys, probe, labels);
             if let Some(bucket) = index.get(&hash) {
                 // Re-check on the whole projection: equal hashes need not mean equal
                 // values, and the probed index may cover only some of its keys.
@@ -499,10 +534,10 @@ impl Group {
         &mut self,
         projection: Projection,
         keys: &[String],
-        targets: &HashMap<TargetId, (Entry<T>, Slot)>,
+        targets: &NumMap<TargetId, (Entry<T>, Slot)>,
         hasher: &RandomState,
     ) {
-        let mut index: HashMap<u64, BTreeSet<TargetId>> = HashMap::new();
+        let mut index: NumMap<u64, BTreeSet<TargetId>> = NumMap::default();
         for &id in &self.members {
             let hash = project_hash(hasher, keys, &projection, &targets[&id].0.labels);
             index.entry(hash).or_default().insert(id);
