@@ -289,12 +289,12 @@ pub struct Server {
 }
 
 impl Server {
-    /// The next client connection; `None` once the switchboard closed the registration.
+    /// The next client connection; `None` once the switchboard closed the registration
+    /// and the connections it had handed over are taken. (The queue's sender lives in
+    /// the registration's service, which goes when its reader ends: no waiter for the
+    /// close is polled on every accept.)
     pub async fn accept(&mut self) -> Option<Connection> {
-        tokio::select! {
-            c = self.incoming.recv() => c,
-            () = self.peer.closed() => self.incoming.try_recv().ok(),
-        }
+        self.incoming.recv().await
     }
 
     /// Resolves when the switchboard closed the registration (it exited or revoked it).
@@ -345,12 +345,10 @@ pub type Resolver = Registration<resolver::ResolveResponse>;
 pub type ResolveRequest = Pending<resolver::ResolveResponse>;
 
 impl<A> Registration<A> {
-    /// The next request; `None` once the switchboard closed the registration.
+    /// The next request; `None` once the switchboard closed the registration and the
+    /// requests it had sent are taken (see [`Server::accept`]).
     pub async fn next(&mut self) -> Option<Pending<A>> {
-        tokio::select! {
-            r = self.requests.recv() => r,
-            () = self.peer.closed() => self.requests.try_recv().ok(),
-        }
+        self.requests.recv().await
     }
 
     /// Resolves when the switchboard closed the registration.

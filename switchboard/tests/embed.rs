@@ -46,12 +46,25 @@ async fn a_pod_handle_carries_its_identity_and_dies_with_its_scope() {
         .unwrap();
     assert_eq!(conn.labels["pod"], "web-1");
     assert!(server.accept().await.is_some());
+    // Handed over (the switchboard has the server's OK) but not yet accepted.
+    let queued = derived
+        .client_connect(&labels(&[("app", "web")]))
+        .await
+        .unwrap();
 
     // The pod goes away: everything it had is closed and its target removed.
     scope.revoke();
     tokio::time::timeout(Duration::from_secs(10), server.closed())
         .await
         .expect("registration closed on revoke");
+    // What the server had taken before the close is still accepted; then accept ends.
+    let last = tokio::time::timeout(Duration::from_secs(10), server.accept())
+        .await
+        .expect("queued connection returned")
+        .expect("queued connection kept");
+    assert_eq!(last.labels, queued.labels);
+    let end = tokio::time::timeout(Duration::from_secs(10), server.accept()).await;
+    assert!(end.expect("accept ends after the close").is_none());
     for _ in 0..500 {
         if switchboard.target_count() == 0 && handle.is_closed() && derived.is_closed() {
             break;
