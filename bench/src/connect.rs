@@ -93,9 +93,9 @@ pub fn client_main(
         }),
         Kind::Switchboard => {
             let labels = parse_labels(labels)?;
-            let rt = procs::library_runtime()?;
-            rt.block_on(async {
-                let sb = bounded(Switchboard::connect(Path::new(target))).await??;
+            let target = target.to_owned();
+            procs::run_library(async move {
+                let sb = bounded(Switchboard::connect(Path::new(&target))).await??;
                 // Bounded by a watchdog rather than a timer per connect: the floor's
                 // client pays nothing per connect for its bound (a socket timeout set
                 // once), so neither does this one.

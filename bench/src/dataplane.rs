@@ -68,9 +68,9 @@ pub fn serve_main(source: Source, behavior: Behavior, chunk: usize) -> Result<()
         }
         Source::Switchboard(path, labels, backlog) => {
             let labels = parse_labels(labels)?;
-            let rt = crate::procs::library_runtime()?;
-            rt.block_on(async {
-                let sb = bounded(Switchboard::connect(path)).await??;
+            let path = path.to_owned();
+            crate::procs::run_library(async move {
+                let sb = bounded(Switchboard::connect(&path)).await??;
                 let options = ServerOptions { backlog };
                 let mut server = bounded(sb.server_start_with(&labels, &options)).await??;
                 println!("ready");

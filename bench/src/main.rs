@@ -166,10 +166,14 @@ struct Opts {
     #[arg(long)]
     daemon_workers: Option<usize>,
     /// The tokio runtime of the client-library peers (the `library` and
-    /// `library+backlog` clients and their servers); each runs its loop in
-    /// `block_on`, as `#[tokio::main]` does.
+    /// `library+backlog` clients and their servers).
     #[arg(long, value_enum, default_value = "current-thread")]
     library_runtime: procs::LibraryRuntime,
+    /// Where those peers run their connect or accept loop: `task` (spawned, the way
+    /// the client library's docs advise) or `block-on` (the `block_on` future
+    /// itself, as a loop written straight in `#[tokio::main]`).
+    #[arg(long, value_enum, default_value = "task")]
+    library_loop: procs::LibraryLoop,
     /// Timed connects per measurement, split evenly between the clients.
     #[arg(long, default_value_t = 20_000)]
     iterations: usize,
@@ -287,7 +291,7 @@ fn run(command: Command) -> Result<()> {
     match command {
         Command::All(o) => {
             let ctx = procs::Ctx::new(o.flower.clone(), o.daemon_workers)?
-                .with_runtime(o.library_runtime);
+                .with_runtime(o.library_runtime, o.library_loop);
             machine();
             connect::connect_bench(&ctx, &o.connect())?;
             if o.scale > 0 {
@@ -302,7 +306,7 @@ fn run(command: Command) -> Result<()> {
         }
         Command::Floor(o) => {
             let ctx = procs::Ctx::new(o.flower.clone(), o.daemon_workers)?
-                .with_runtime(o.library_runtime);
+                .with_runtime(o.library_runtime, o.library_loop);
             machine();
             let c = o.connect();
             let mut t = stats::Table::new(&["mode", "clients", "connects/s", "p50 µs", "p99 µs"]);
@@ -334,37 +338,37 @@ fn run(command: Command) -> Result<()> {
         }
         Command::Connect(o) => {
             let ctx = procs::Ctx::new(o.flower.clone(), o.daemon_workers)?
-                .with_runtime(o.library_runtime);
+                .with_runtime(o.library_runtime, o.library_loop);
             machine();
             connect::connect_bench(&ctx, &o.connect())?;
         }
         Command::Scale(o) => {
             let ctx = procs::Ctx::new(o.flower.clone(), o.daemon_workers)?
-                .with_runtime(o.library_runtime);
+                .with_runtime(o.library_runtime, o.library_loop);
             machine();
             connect::scale_bench(&ctx, &o.connect(), &o.scale())?;
         }
         Command::Dataplane(o) => {
             let ctx = procs::Ctx::new(o.flower.clone(), o.daemon_workers)?
-                .with_runtime(o.library_runtime);
+                .with_runtime(o.library_runtime, o.library_loop);
             machine();
             dataplane::dataplane_bench(&ctx, &o.data())?;
         }
         Command::Ingress(o) => {
             let ctx = procs::Ctx::new(o.flower.clone(), o.daemon_workers)?
-                .with_runtime(o.library_runtime);
+                .with_runtime(o.library_runtime, o.library_loop);
             machine();
             dataplane::ingress_bench(&ctx, &o.ingress())?;
         }
         Command::Revoke(o) => {
             let ctx = procs::Ctx::new(o.flower.clone(), o.daemon_workers)?
-                .with_runtime(o.library_runtime);
+                .with_runtime(o.library_runtime, o.library_loop);
             machine();
             revoke::revoke_bench(&ctx, &o.revoke())?;
         }
         Command::Syscalls(o) => {
             let ctx = procs::Ctx::new(o.flower.clone(), o.daemon_workers)?
-                .with_runtime(o.library_runtime);
+                .with_runtime(o.library_runtime, o.library_loop);
             machine();
             syscalls::syscalls_bench(&ctx, o.strace_connects)?;
         }
@@ -377,7 +381,7 @@ fn run(command: Command) -> Result<()> {
             hostile_uid,
         } => {
             let ctx = procs::Ctx::new(opts.flower.clone(), opts.daemon_workers)?
-                .with_runtime(opts.library_runtime);
+                .with_runtime(opts.library_runtime, opts.library_loop);
             machine();
             soak::soak_bench(
                 &ctx,

@@ -39,6 +39,18 @@ pub struct Ctx {
     pub daemon_workers: Option<usize>,
     /// The runtime of the library peers, passed to helpers in [`RUNTIME_ENV`].
     pub runtime: LibraryRuntime,
+    /// Where the library peers' loops run, passed to helpers in [`LOOP_ENV`].
+    pub library_loop: LibraryLoop,
+}
+
+/// Where a client-library peer runs its loop ([`run_library`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LibraryLoop {
+    /// In a spawned task.
+    #[default]
+    Task,
+    /// As the `block_on` future.
+    BlockOn,
 }
 
 /// Which tokio runtime the client-library peers run on.
@@ -66,6 +78,24 @@ pub fn library_runtime() -> Result<tokio::runtime::Runtime> {
     Ok(builder.enable_all().build()?)
 }
 
+/// Runs a library peer's loop: in a task of its own (the default), or, with
+/// `FLOWER_BENCH_LOOP=block-on`, as the `block_on` future itself. A loop in
+/// `block_on` that another task wakes (the registration's reader handing over a
+/// connection) costs a poll of the reactor per wake on the current-thread runtime,
+/// and a thread wake-up on the multi-thread one (BENCHMARKS.md).
+pub fn run_library<T: Send + 'static>(
+    f: impl std::future::Future<Output = Result<T>> + Send + 'static,
+) -> Result<T> {
+    let rt = library_runtime()?;
+    if std::env::var(LOOP_ENV).is_ok_and(|v| v == "block-on") {
+        return rt.block_on(f);
+    }
+    rt.block_on(async { tokio::spawn(f).await? })
+}
+
+/// How a helper learns where its library loop runs ([`run_library`]).
+const LOOP_ENV: &str = "FLOWER_BENCH_LOOP";
+
 impl Ctx {
     pub fn new(flower: Option<PathBuf>, daemon_workers: Option<usize>) -> Result<Ctx> {
         let exe = std::env::current_exe().context("cannot find this executable")?;
@@ -85,12 +115,14 @@ impl Ctx {
             dir: TempDir::new()?,
             daemon_workers,
             runtime: LibraryRuntime::CurrentThread,
+            library_loop: LibraryLoop::Task,
         })
     }
 
-    /// Library-peer helpers run on `runtime`.
-    pub fn with_runtime(mut self, runtime: LibraryRuntime) -> Ctx {
+    /// Library-peer helpers run on `runtime`, their loops as `library_loop` says.
+    pub fn with_runtime(mut self, runtime: LibraryRuntime, library_loop: LibraryLoop) -> Ctx {
         self.runtime = runtime;
+        self.library_loop = library_loop;
         self
     }
 
@@ -116,6 +148,9 @@ impl Ctx {
             LibraryRuntime::MultiThread => "multi-thread",
         };
         cmd.env(RUNTIME_ENV, runtime);
+        if self.library_loop == LibraryLoop::BlockOn {
+            cmd.env(LOOP_ENV, "block-on");
+        }
         prepare_on(&mut cmd, cpu);
         cmd
     }

@@ -10,6 +10,15 @@
 //! println!("connected with labels {:?}", conn.labels);
 //! # Ok(()) }
 //! ```
+//!
+//! **Where to run a hot loop.** A server's connections are handed over by its
+//! registration's reader task. An `accept()` loop written straight in `block_on` (a
+//! `#[tokio::main]` body) is then woken from another task on every connection, which
+//! costs a poll of the reactor (an extra `epoll_wait`) on the current-thread runtime
+//! and a thread wake-up (two `futex` calls) on the multi-thread one. Run such loops
+//! in a spawned task, `tokio::spawn(async move { while let Some(c) = server.accept().await
+//! { … } })`, and neither happens. The same holds for a client that connects in a
+//! loop on the multi-thread runtime. (BENCHMARKS.md, "Connect path, third pass".)
 
 use std::io;
 use std::os::fd::OwnedFd;
