@@ -7,6 +7,9 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use flower_proto::Status;
 use std::collections::HashMap;
@@ -24,22 +27,72 @@ pub(crate) struct Quota {
     /// Targets and resolvers registered by everything charged here (None: unbounded
     /// but for the descriptors they hold).
     pub targets: Option<Arc<Quota>>,
+    /// How fast everything charged here may make new handles and registrations
+    /// (None: as fast as it likes).
+    pub pace: Option<Pace>,
+}
+
+/// How many new handles and registrations one owner may make per second, and how
+/// many at once after a quiet spell (docs/PROTOCOL.md §10).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    pub per_second: f64,
+    pub burst: u32,
+}
+
+/// A [`Rate`] enforced as a token bucket kept as one instant (GCRA): `due` is when the
+/// bucket would be full again. Each new handle reserves the next free slot; one that
+/// finds the bucket empty waits for its slot, so the waits of one owner are spread out
+/// one interval apart and never wake together.
+#[derive(Debug)]
+pub(crate) struct Pace {
+    interval: Duration,
+    /// How far ahead of now `due` may be before a new handle must wait:
+    /// `burst - 1` intervals.
+    tolerance: Duration,
+    due: Mutex<Instant>,
+}
+
+impl Pace {
+    pub fn new(rate: Rate) -> Option<Pace> {
+        if !(rate.per_second.is_finite() && rate.per_second > 0.0) {
+            return None;
+        }
+        // Slower than one a year is as good as never; keeps the arithmetic in range.
+        let interval = Duration::from_secs_f64((1.0 / rate.per_second).min(3.2e7));
+        Some(Pace {
+            interval,
+            tolerance: interval.saturating_mul(rate.burst.max(1) - 1),
+            due: Mutex::new(Instant::now()),
+        })
+    }
+
+    /// Reserves the next slot: `None` when it is free now, else when it will be.
+    pub fn reserve(&self) -> Option<Instant> {
+        let now = Instant::now();
+        let mut due = self.due.lock().unwrap();
+        let from = (*due).max(now);
+        *due = from + self.interval;
+        from.checked_sub(self.tolerance).filter(|&at| at > now)
+    }
 }
 
 impl Quota {
     pub fn new(limit: usize, full: String, parent: Option<Arc<Quota>>) -> Arc<Quota> {
-        Quota::owner(limit, full, parent, None, None)
+        Quota::owner(limit, full, parent, None, None, None)
     }
 
     /// The quota of one owner (a uid, an endpoint): its channels also share `calls`
     /// calls in flight, and its registrations are also counted against `targets`
-    /// (the limit and the error when it is full).
+    /// (the limit and the error when it is full), and it makes new handles and
+    /// registrations at most at `rate`.
     pub fn owner(
         limit: usize,
         full: String,
         parent: Option<Arc<Quota>>,
         calls: Option<usize>,
         targets: Option<(usize, String)>,
+        rate: Option<Rate>,
     ) -> Arc<Quota> {
         Arc::new(Quota {
             used: AtomicUsize::new(0),
@@ -48,7 +101,18 @@ impl Quota {
             parent,
             calls: calls.map(|n| Arc::new(tokio::sync::Semaphore::new(n.max(1)))),
             targets: targets.map(|(limit, full)| Quota::new(limit, full, None)),
+            pace: rate.and_then(Pace::new),
         })
+    }
+
+    /// Waits until this owner may make one more handle or registration (at once
+    /// unless it is over its rate). The caller keeps whatever it holds meanwhile — a
+    /// call its place among the calls in flight — so an owner over its rate is slowed
+    /// down, not refused.
+    pub async fn pace(&self) {
+        if let Some(at) = self.pace.as_ref().and_then(Pace::reserve) {
+            tokio::time::sleep_until(at).await;
+        }
     }
 
     /// One more target or resolver of this owner, if it has a bound.
@@ -138,6 +202,7 @@ impl UidQuotas {
         limit: usize,
         calls: usize,
         targets: usize,
+        rate: Option<Rate>,
         budget: &Arc<Quota>,
     ) -> Arc<Quota> {
         let mut map = self.by_uid.lock().unwrap();
@@ -160,6 +225,7 @@ impl UidQuotas {
                      uid may (--max-targets-per-uid)"
                 ),
             )),
+            rate,
         );
         map.insert(uid, Arc::downgrade(&quota));
         quota
@@ -169,6 +235,47 @@ impl UidQuotas {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pace_lets_a_burst_through_then_spaces_the_rest_one_interval_apart() {
+        let rate = Rate {
+            per_second: 0.001,
+            burst: 3,
+        };
+        let pace = Pace::new(rate).unwrap();
+        for _ in 0..3 {
+            assert_eq!(pace.reserve(), None, "within the burst: at once");
+        }
+        let fourth = pace.reserve().expect("past the burst: later");
+        let fifth = pace.reserve().expect("later still");
+        assert!(
+            fourth > Instant::now() + Duration::from_secs(900),
+            "{fourth:?}"
+        );
+        assert_eq!(fifth - fourth, Duration::from_secs(1_000));
+        // No rate, or a rate of zero: no pace at all.
+        assert!(
+            Pace::new(Rate {
+                per_second: 0.0,
+                burst: 3
+            })
+            .is_none()
+        );
+        assert!(
+            Pace::new(Rate {
+                per_second: f64::NAN,
+                burst: 3
+            })
+            .is_none()
+        );
+        let one = Pace::new(Rate {
+            per_second: 1e-3,
+            burst: 1,
+        })
+        .unwrap();
+        assert_eq!(one.reserve(), None);
+        assert!(one.reserve().is_some(), "a burst of one: the second waits");
+    }
 
     #[test]
     fn a_full_level_undoes_the_levels_below_it() {
