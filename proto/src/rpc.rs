@@ -1024,6 +1024,7 @@ async fn serve_call(
                 p = shared.calls.acquire() => p.expect("semaphore never closed").forget(),
                 () = shared.states.closed_or_draining() => return false,
                 () = &mut cancelled => return false,
+                () = shared.channel.hung_up() => return hung_up(),
             }
         }
     }
@@ -1044,6 +1045,10 @@ async fn serve_call(
                         shared.calls.add_permits(1);
                         return false;
                     }
+                    () = shared.channel.hung_up() => {
+                        shared.calls.add_permits(1);
+                        return hung_up();
+                    }
                 }
             }
         },
@@ -1054,11 +1059,11 @@ async fn serve_call(
     };
     // A caller that hung up while its calls waited for their place has nobody to
     // answer: what it left queued is not served (a flood's channels drain at once
-    // instead of costing the work of every call in them). Checked only after a wait,
-    // so the usual path makes no extra system call.
+    // instead of costing the work of every call in them). Watched during the wait,
+    // and checked once after it (the hang-up may not have reached the reactor yet);
+    // the usual path makes no extra system call.
     if waited && shared.channel.peer_closed() {
-        tracing::debug!("closing channel: the caller hung up with calls still queued");
-        return false;
+        return hung_up();
     }
     let id = call.id;
     let request = Request {
@@ -1096,6 +1101,12 @@ async fn serve_call(
         }
     }
     true
+}
+
+/// What [`serve_call`] returns for a caller that hung up with calls still queued.
+fn hung_up() -> bool {
+    tracing::debug!("closing channel: the caller hung up with calls still queued");
+    false
 }
 
 /// Sends the final reply of call `id`, then frees its slot.
