@@ -75,6 +75,14 @@ impl Pace {
         *due = from + self.interval;
         from.checked_sub(self.tolerance).filter(|&at| at > now)
     }
+
+    /// Gives back a slot reserved by a caller that stopped waiting for it (its
+    /// channel closed), so that abandoned waits do not push everyone's turn later.
+    fn refund(&self) {
+        let now = Instant::now();
+        let mut due = self.due.lock().unwrap();
+        *due = due.checked_sub(self.interval).map_or(now, |d| d.max(now));
+    }
 }
 
 impl Quota {
@@ -110,8 +118,20 @@ impl Quota {
     /// call its place among the calls in flight — so an owner over its rate is slowed
     /// down, not refused.
     pub async fn pace(&self) {
-        if let Some(at) = self.pace.as_ref().and_then(Pace::reserve) {
+        /// Refunds the slot unless the wait ran to its end.
+        struct Waiting<'a>(&'a Pace, bool);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                if !self.1 {
+                    self.0.refund();
+                }
+            }
+        }
+        let Some(pace) = &self.pace else { return };
+        if let Some(at) = pace.reserve() {
+            let mut waiting = Waiting(pace, false);
             tokio::time::sleep_until(at).await;
+            waiting.1 = true;
         }
     }
 
@@ -253,6 +273,9 @@ mod tests {
             "{fourth:?}"
         );
         assert_eq!(fifth - fourth, Duration::from_secs(1_000));
+        // A slot given back is the next one handed out.
+        pace.refund();
+        assert_eq!(pace.reserve(), Some(fifth));
         // No rate, or a rate of zero: no pace at all.
         assert!(
             Pace::new(Rate {
