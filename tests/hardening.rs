@@ -436,6 +436,27 @@ async fn exhausting_descriptors_hurts_only_the_attacker() {
     bystander_works(&bystander).await;
 }
 
+/// The `SOCK_SEQPACKET` sockets `pid` holds open: its listener, handles and
+/// registration channels, and nothing else (connections and the socketpair pool are
+/// stream sockets), so the count does not move with the pool.
+fn channels(pid: u32) -> usize {
+    let seqpacket: std::collections::HashSet<String> = std::fs::read_to_string("/proc/net/unix")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // Num RefCount Protocol Flags Type St Inode [Path]
+            (fields.get(4) == Some(&"0005")).then(|| fields.get(6).map(|i| i.to_string()))?
+        })
+        .collect();
+    fd_targets(pid)
+        .iter()
+        .filter_map(|t| t.split_once("->socket:[")?.1.strip_suffix(']'))
+        .filter(|inode| seqpacket.contains(*inode))
+        .count()
+}
+
 const PACE_ENV: &str = "FLOWER_HARDENING_PACE";
 /// Constrain calls the pacing attacker sends at once.
 const PACE_CALLS: u64 = 20;
@@ -506,8 +527,9 @@ fn pacing_attacker() {
 /// A uid that makes handles as fast as it can (and could drop them as fast, leaving
 /// the switchboard to clean up after it) is paced: past its burst, its Constrain calls
 /// wait for their turn. Another uid's connections, Constrain calls and connects are
-/// served meanwhile. Once the attacker is gone, its waiting calls are dropped and
-/// the descriptors return to the baseline. The rate here is one handle per 1 000 s,
+/// served meanwhile. Once the attacker is gone, its waiting calls are dropped (also
+/// those it left queued behind a channel full of waiting calls) and the descriptors
+/// return to the baseline. The rate here is one handle per 1 000 s,
 /// so "still waiting" cannot be a slow machine's doing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_uids_churn_is_paced_and_another_uid_is_not() {
@@ -520,6 +542,10 @@ async fn one_uids_churn_is_paced_and_another_uid_is_not() {
             "0.001",
             "--new-handles-burst",
             &BURST.to_string(),
+            // So the attacker's waiting calls fill its channel's places, and the
+            // switchboard must notice its hang-up without reading.
+            "--max-calls-in-flight",
+            "4",
         ],
     );
     let bystander = daemon.connect().await;
@@ -530,6 +556,7 @@ async fn one_uids_churn_is_paced_and_another_uid_is_not() {
         .unwrap();
     tokio::spawn(async move { while server.accept().await.is_some() {} });
     let baseline = daemon.baseline(&bystander).await;
+    let channels_before = channels(daemon.pid());
     let rss_before = rss_kib(daemon.pid());
 
     // As root the attacker is uid 65534 with a bucket of its own; otherwise it shares
@@ -615,8 +642,18 @@ async fn one_uids_churn_is_paced_and_another_uid_is_not() {
     let more = tokio::task::block_in_place(|| line("MORE"));
     assert_eq!(more, "MORE 0", "the attacker's calls past its burst wait");
 
+    // The attacker's channel and the handles it holds, whatever the socketpair pool
+    // (stream sockets) holds at the moment.
+    let held = channels(daemon.pid());
+    assert!(
+        held >= channels_before + 1 + expect,
+        "{held} channels, {channels_before} before the attack"
+    );
     drop(to_attacker);
     drop(attacker);
+    wait_until("the attacker's channels to close", || {
+        channels(daemon.pid()) <= channels_before
+    });
     daemon.settle_fds(baseline).await;
     bystander_works(&bystander).await;
     let rss_after = rss_kib(daemon.pid());
