@@ -323,7 +323,11 @@ impl Switchboard {
                      one may (--max-targets-per-endpoint)"
                 ),
             )),
-            self.shared.config.new_handles,
+            self.shared
+                .config
+                .new_handles
+                .and_then(quota::Pace::new)
+                .map(Arc::new),
         )
     }
 

@@ -29,7 +29,7 @@ pub(crate) struct Quota {
     pub targets: Option<Arc<Quota>>,
     /// How fast everything charged here may make new handles and registrations
     /// (None: as fast as it likes).
-    pub pace: Option<Pace>,
+    pub pace: Option<Arc<Pace>>,
 }
 
 /// How many new handles and registrations one owner may make per second, and how
@@ -76,6 +76,11 @@ impl Pace {
         from.checked_sub(self.tolerance).filter(|&at| at > now)
     }
 
+    /// Whether the bucket is full, as a new one would be: nothing to remember.
+    fn is_rested(&self) -> bool {
+        *self.due.lock().unwrap() <= Instant::now()
+    }
+
     /// Gives back a slot reserved by a caller that stopped waiting for it (its
     /// channel closed), so that abandoned waits do not push everyone's turn later.
     fn refund(&self) {
@@ -93,14 +98,14 @@ impl Quota {
     /// The quota of one owner (a uid, an endpoint): its channels also share `calls`
     /// calls in flight, and its registrations are also counted against `targets`
     /// (the limit and the error when it is full), and it makes new handles and
-    /// registrations at most at `rate`.
+    /// registrations at most at `pace`.
     pub fn owner(
         limit: usize,
         full: String,
         parent: Option<Arc<Quota>>,
         calls: Option<usize>,
         targets: Option<(usize, String)>,
-        rate: Option<Rate>,
+        pace: Option<Arc<Pace>>,
     ) -> Arc<Quota> {
         Arc::new(Quota {
             used: AtomicUsize::new(0),
@@ -109,7 +114,7 @@ impl Quota {
             parent,
             calls: calls.map(|n| Arc::new(tokio::sync::Semaphore::new(n.max(1)))),
             targets: targets.map(|(limit, full)| Quota::new(limit, full, None)),
-            pace: rate.and_then(Pace::new),
+            pace,
         })
     }
 
@@ -213,6 +218,10 @@ impl Drop for Ticket {
 #[derive(Debug, Default)]
 pub(crate) struct UidQuotas {
     by_uid: Mutex<HashMap<u32, Weak<Quota>>>,
+    /// Each uid's pace, kept while it is behind (its bucket not yet full again) even
+    /// when the uid holds nothing: otherwise a client that hangs up everything
+    /// between floods would start each one with a full burst.
+    paces: Mutex<HashMap<u32, Arc<Pace>>>,
 }
 
 impl UidQuotas {
@@ -230,6 +239,16 @@ impl UidQuotas {
             return quota;
         }
         map.retain(|_, q| q.strong_count() > 0);
+        let pace = rate.and_then(|rate| {
+            let mut paces = self.paces.lock().unwrap();
+            paces.retain(|_, p| Arc::strong_count(p) > 1 || !p.is_rested());
+            Some(
+                paces
+                    .entry(uid)
+                    .or_insert(Arc::new(Pace::new(rate)?))
+                    .clone(),
+            )
+        });
         let quota = Quota::owner(
             limit,
             format!(
@@ -245,7 +264,7 @@ impl UidQuotas {
                      uid may (--max-targets-per-uid)"
                 ),
             )),
-            rate,
+            pace,
         );
         map.insert(uid, Arc::downgrade(&quota));
         quota
@@ -298,6 +317,26 @@ mod tests {
         .unwrap();
         assert_eq!(one.reserve(), None);
         assert!(one.reserve().is_some(), "a burst of one: the second waits");
+    }
+
+    #[test]
+    fn a_uid_that_lets_go_of_everything_keeps_its_pace() {
+        let uids = UidQuotas::default();
+        let budget = Quota::new(100, "budget".into(), None);
+        let rate = Rate {
+            per_second: 0.001,
+            burst: 2,
+        };
+        let get = |uid| uids.get(uid, 10, 10, 10, Some(rate), &budget);
+        let quota = get(7);
+        let pace = quota.pace.clone().unwrap();
+        assert_eq!((pace.reserve(), pace.reserve()), (None, None));
+        drop((quota, pace));
+        // Its quota is gone with its last handle, but not its debt.
+        let again = get(7);
+        assert!(again.pace.as_ref().unwrap().reserve().is_some());
+        // Another uid has a bucket of its own.
+        assert_eq!(get(8).pace.as_ref().unwrap().reserve(), None);
     }
 
     #[test]
