@@ -126,6 +126,21 @@ enum Command {
         /// have used the rest of the limit (at most a quarter of it).
         #[arg(long, value_name = "N", default_value_t = 256)]
         reserve_descriptors: usize,
+        /// New handles and registrations per second one uid (or one pod, or one
+        /// embedder-made handle) may make: Constrain, ServerStart, EgressStart and
+        /// ResolverStart calls. Past it each such call waits for its turn, keeping
+        /// its place among the calls in flight, so a client that makes and drops
+        /// handles as fast as it can (whose hang-ups the switchboard must clean up)
+        /// is slowed down to this rate and cannot take the switchboard's time from
+        /// other uids. 0: no bound.
+        #[arg(long, value_name = "RATE", default_value_t = 1_024.0,
+              value_parser = parse_rate)]
+        new_handles_per_second: f64,
+        /// How many new handles and registrations an owner below its rate may make
+        /// at once before --new-handles-per-second applies.
+        #[arg(long, value_name = "N", default_value_t = 4_096,
+              value_parser = clap::value_parser!(u32).range(1..))]
+        new_handles_burst: u32,
         /// Descriptor limit (each handle and target holds one). Default: raise the
         /// soft limit to the hard one, and the hard one to fs.nr_open if permitted.
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(16..))]
@@ -343,6 +358,14 @@ fn parse_mode(s: &str) -> Result<u32, String> {
         .ok_or_else(|| format!("{s:?} is not an octal file mode"))
 }
 
+/// A rate per second: 0 or more, finite (`0.5` is one every two seconds).
+fn parse_rate(s: &str) -> Result<f64, String> {
+    s.parse::<f64>()
+        .ok()
+        .filter(|r| r.is_finite() && *r >= 0.0)
+        .ok_or_else(|| format!("{s:?} is not a rate per second (0 or more)"))
+}
+
 /// Logs to stderr, filtered by RUST_LOG (default: info). Only the first call counts.
 fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -423,6 +446,8 @@ async fn run(
             max_targets_per_uid,
             max_targets_per_endpoint,
             reserve_descriptors,
+            new_handles_per_second,
+            new_handles_burst,
             nofile,
             threads: _,
             pods_socket,
@@ -446,6 +471,10 @@ async fn run(
                 max_targets_per_endpoint,
                 max_calls_per_uid,
                 reserve_descriptors,
+                new_handles: (new_handles_per_second > 0.0).then_some(flower_switchboard::Rate {
+                    per_second: new_handles_per_second,
+                    burst: new_handles_burst,
+                }),
             };
             let pods = match (pods_socket, pods_dir) {
                 (None, None) => None,

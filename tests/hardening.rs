@@ -436,6 +436,233 @@ async fn exhausting_descriptors_hurts_only_the_attacker() {
     bystander_works(&bystander).await;
 }
 
+/// The `SOCK_SEQPACKET` sockets `pid` holds open: its listener, handles and
+/// registration channels, and nothing else (connections and the socketpair pool are
+/// stream sockets), so the count does not move with the pool.
+fn channels(pid: u32) -> usize {
+    let seqpacket: std::collections::HashSet<String> = std::fs::read_to_string("/proc/net/unix")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // Num RefCount Protocol Flags Type St Inode [Path]
+            (fields.get(4) == Some(&"0005")).then(|| fields.get(6).map(|i| i.to_string()))?
+        })
+        .collect();
+    fd_targets(pid)
+        .iter()
+        .filter_map(|t| t.split_once("->socket:[")?.1.strip_suffix(']'))
+        .filter(|inode| seqpacket.contains(*inode))
+        .count()
+}
+
+const PACE_ENV: &str = "FLOWER_HARDENING_PACE";
+/// Constrain calls the pacing attacker sends at once.
+const PACE_CALLS: u64 = 20;
+
+/// The pacing attacker, run in a child process (as another uid when we are root):
+/// pipelines [`PACE_CALLS`] Constrain calls on one connection and reads replies
+/// until it holds the number of new handles in `PACE_ENV_expect`; prints `GOT n`.
+/// Then, once told (a line on stdin), takes whatever else has arrived without
+/// waiting and prints `MORE n`; then waits to be killed, holding everything.
+#[test]
+#[ignore = "run by one_uids_churn_is_paced_and_another_uid_is_not in a child process"]
+fn pacing_attacker() {
+    use flower_proto::transport::{connect_blocking, recv_blocking, send_blocking};
+    use std::io::BufRead;
+    use std::os::fd::AsFd;
+    let Ok(path) = std::env::var(PACE_ENV) else {
+        return;
+    };
+    let expect: usize = std::env::var(format!("{PACE_ENV}_EXPECT"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let fd = connect_blocking(std::path::Path::new(&path), None).unwrap();
+    for id in 1..=PACE_CALLS {
+        let frame = call_frame(
+            id,
+            CONSTRAIN,
+            sb::ConstrainRequest::default().encode_to_vec(),
+        );
+        send_blocking(fd.as_fd(), &frame, &[]).unwrap();
+    }
+    let take = |datagram: flower_proto::transport::Datagram| {
+        let reply = match flower_proto::Frame::decode(&datagram.bytes[..])
+            .unwrap()
+            .kind
+        {
+            Some(flower_proto::frame::Kind::Reply(reply)) => reply,
+            other => panic!("expected a reply, got {other:?}"),
+        };
+        assert_eq!(reply.code, Code::Ok as i32, "{reply:?}");
+        assert_eq!(
+            datagram.fds.len(),
+            1,
+            "a Constrain reply carries the new handle"
+        );
+        datagram.fds
+    };
+    let mut handles = Vec::new();
+    while handles.len() < expect {
+        let datagram = recv_blocking(fd.as_fd()).unwrap().unwrap().unwrap();
+        handles.extend(take(datagram));
+    }
+    println!("GOT {}", handles.len());
+    let mut stdin = std::io::stdin().lock();
+    let mut line = String::new();
+    stdin.read_line(&mut line).unwrap();
+    flower_proto::transport::set_nonblocking(fd.as_fd(), true).unwrap();
+    let mut more = 0;
+    while let Ok(Ok(Some(datagram))) = recv_blocking(fd.as_fd()) {
+        handles.extend(take(datagram));
+        more += 1;
+    }
+    println!("MORE {more}");
+    let _ = stdin.read_line(&mut line);
+    drop(handles);
+}
+
+/// A uid that makes handles as fast as it can (and could drop them as fast, leaving
+/// the switchboard to clean up after it) is paced: past its burst, its Constrain calls
+/// wait for their turn. Another uid's connections, Constrain calls and connects are
+/// served meanwhile. Once the attacker is gone, its waiting calls are dropped (also
+/// those it left queued behind a channel full of waiting calls) and the descriptors
+/// return to the baseline. The rate here is one handle per 1 000 s,
+/// so "still waiting" cannot be a slow machine's doing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_uids_churn_is_paced_and_another_uid_is_not() {
+    use std::io::{BufRead, Write};
+    const BURST: usize = 8;
+    let daemon = daemon_as(
+        None,
+        &[
+            "--new-handles-per-second",
+            "0.001",
+            "--new-handles-burst",
+            &BURST.to_string(),
+            // So the attacker's waiting calls fill its channel's places, and the
+            // switchboard must notice its hang-up without reading.
+            "--max-calls-in-flight",
+            "4",
+        ],
+    );
+    let bystander = daemon.connect().await;
+    // One new registration of the bystander's uid.
+    let mut server = bystander
+        .server_start(&labels(&[("app", "web")]))
+        .await
+        .unwrap();
+    tokio::spawn(async move { while server.accept().await.is_some() {} });
+    let baseline = daemon.baseline(&bystander).await;
+    let channels_before = channels(daemon.pid());
+    let rss_before = rss_kib(daemon.pid());
+
+    // As root the attacker is uid 65534 with a bucket of its own; otherwise it shares
+    // the bystander's, of which the registration above took one.
+    let expect = if is_root() { BURST } else { BURST - 1 };
+    let this = std::env::current_exe().unwrap();
+    let (_program, mut attack) = match is_root() {
+        true => command_as(&this, "hardening", NOBODY),
+        false => (None, std::process::Command::new(&this)),
+    };
+    attack
+        .args([
+            "--ignored",
+            "--exact",
+            "pacing_attacker",
+            "--nocapture",
+            "-q",
+        ])
+        .env(PACE_ENV, &daemon.path)
+        .env(format!("{PACE_ENV}_EXPECT"), expect.to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+    let mut attacker = Tool(attack.spawn().unwrap());
+    let mut to_attacker = attacker.0.stdin.take().unwrap();
+    let mut from_attacker = std::io::BufReader::new(attacker.0.stdout.take().unwrap());
+    // The test harness prints lines of its own around the attacker's.
+    let mut line = |what: &str| loop {
+        let mut line = String::new();
+        let n = from_attacker.read_line(&mut line).unwrap();
+        assert!(n > 0, "the attacker exited before it said {what}");
+        if line.starts_with(what) {
+            break line.trim().to_owned();
+        }
+    };
+    let got = tokio::task::block_in_place(|| line("GOT"));
+    assert_eq!(got, format!("GOT {expect}"));
+
+    if is_root() {
+        // Another uid: new connections and new handles as usual.
+        for _ in 0..2 {
+            let fresh = daemon.connect().await;
+            let narrow = tokio::time::timeout(
+                PATIENCE,
+                fresh.constrain(&[Right::ClientConnect], &Labels::new(), &Labels::new()),
+            )
+            .await
+            .expect("another uid's Constrain is not paced by the attacker's")
+            .unwrap();
+            narrow
+                .client_connect(&labels(&[("app", "web")]))
+                .await
+                .unwrap();
+        }
+    } else {
+        // One uid: its Constrain calls wait their turn too, but connects through its
+        // handles (which make no handle) go through.
+        let fresh = raw_connect(&daemon.path).await;
+        let frame = call_frame(
+            1,
+            CONSTRAIN,
+            sb::ConstrainRequest::default().encode_to_vec(),
+        );
+        send_raw(&fresh, &frame, &[]).await;
+        bystander
+            .client_connect(&labels(&[("app", "web")]))
+            .await
+            .unwrap();
+        assert!(
+            fresh.try_recv().is_none(),
+            "the same uid's Constrain waits its turn"
+        );
+    }
+    for _ in 0..100 {
+        bystander
+            .client_connect(&labels(&[("app", "web")]))
+            .await
+            .unwrap();
+    }
+    bystander_works(&bystander).await;
+
+    // All the while, none of the attacker's waiting calls was answered.
+    writeln!(to_attacker, "count").unwrap();
+    let more = tokio::task::block_in_place(|| line("MORE"));
+    assert_eq!(more, "MORE 0", "the attacker's calls past its burst wait");
+
+    // The attacker's channel and the handles it holds, whatever the socketpair pool
+    // (stream sockets) holds at the moment.
+    let held = channels(daemon.pid());
+    assert!(
+        held >= channels_before + 1 + expect,
+        "{held} channels, {channels_before} before the attack"
+    );
+    drop(to_attacker);
+    drop(attacker);
+    wait_until("the attacker's channels to close", || {
+        channels(daemon.pid()) <= channels_before
+    });
+    daemon.settle_fds(baseline).await;
+    bystander_works(&bystander).await;
+    let rss_after = rss_kib(daemon.pid());
+    assert!(
+        rss_after < rss_before + 4 * 1024,
+        "RSS {rss_before} KiB before, {rss_after} KiB after"
+    );
+}
+
 /// A reply the kernel refuses (`ETOOMANYREFS`: the daemon's user has more
 /// descriptors in flight than its limit, because a client reads nothing) still
 /// answers the call, with an error and without descriptors; nothing waits forever.

@@ -1026,36 +1026,56 @@ async fn serve_call(
 ) -> bool {
     // A free place is taken at once; only a full channel waits (and watches for
     // the channel closing meanwhile).
+    let mut waited = false;
     match shared.calls.try_acquire() {
         Ok(p) => p.forget(),
-        Err(_) => tokio::select! {
-            p = shared.calls.acquire() => p.expect("semaphore never closed").forget(),
-            () = shared.states.closed_or_draining() => return false,
-            () = parent.cancelled() => return false,
-        },
+        Err(_) => {
+            waited = true;
+            tokio::select! {
+                p = shared.calls.acquire() => p.expect("semaphore never closed").forget(),
+                () = shared.states.closed_or_draining() => return false,
+                () = parent.cancelled() => return false,
+                () = shared.channel.hung_up() => return hung_up(),
+            }
+        }
     }
     // And a place among the group's, if the channel is in one.
     let group = match &shared.group_calls {
         None => None,
         Some(group) => match group.clone().try_acquire_owned() {
             Ok(p) => Some(p),
-            Err(_) => tokio::select! {
-            p = group.clone().acquire_owned() => Some(p.expect("semaphore never closed")),
-            () = shared.states.closed_or_draining() => {
-                shared.calls.add_permits(1);
-                return false;
+            Err(_) => {
+                waited = true;
+                tokio::select! {
+                    p = group.clone().acquire_owned() => Some(p.expect("semaphore never closed")),
+                    () = shared.states.closed_or_draining() => {
+                        shared.calls.add_permits(1);
+                        return false;
+                    }
+                    () = parent.cancelled() => {
+                        shared.calls.add_permits(1);
+                        return false;
+                    }
+                    () = shared.channel.hung_up() => {
+                        shared.calls.add_permits(1);
+                        return hung_up();
+                    }
+                }
             }
-            () = parent.cancelled() => {
-                shared.calls.add_permits(1);
-                return false;
-            }
-            },
         },
     };
     let slot = CallSlot {
         shared: shared.clone(),
         _group: group,
     };
+    // A caller that hung up while its calls waited for their place has nobody to
+    // answer: what it left queued is not served (a flood's channels drain at once
+    // instead of costing the work of every call in them). Watched during the wait,
+    // and checked once after it (the hang-up may not have reached the reactor yet);
+    // the usual path makes no extra system call.
+    if waited && shared.channel.peer_closed() {
+        return hung_up();
+    }
     let id = call.id;
     let request = Request {
         method: call.method,
@@ -1092,6 +1112,12 @@ async fn serve_call(
         }
     }
     true
+}
+
+/// What [`serve_call`] returns for a caller that hung up with calls still queued.
+fn hung_up() -> bool {
+    tracing::debug!("closing channel: the caller hung up with calls still queued");
+    false
 }
 
 /// Sends the final reply of call `id`, then frees its slot.

@@ -53,6 +53,7 @@ impl rpc::Switchboard for Handle {
     async fn constrain(&self, req: sb::ConstrainRequest, _: Fds) -> Answer<sb::ConstrainResponse> {
         let (rights, in_labels, out_labels) =
             constrained(self.rights, &self.in_labels, &self.out_labels, &req)?;
+        self.quota.pace().await;
         let ticket = self.quota.acquire()?;
         let counted = self
             .counted
@@ -136,6 +137,7 @@ impl rpc::Switchboard for Handle {
         _: Fds,
     ) -> Answer<sb::ServerStartResponse> {
         self.rights.require_one(Right::ServerStart)?;
+        self.quota.pace().await;
         let (server, fds) = self.register(req.in_labels, TargetKind::Server, req.backlog)?;
         Ok((sb::ServerStartResponse { server }, fds))
     }
@@ -146,6 +148,7 @@ impl rpc::Switchboard for Handle {
         _: Fds,
     ) -> Answer<sb::EgressStartResponse> {
         self.rights.require_one(Right::EgressStart)?;
+        self.quota.pace().await;
         let (egress, fds) = self.register(req.in_labels, TargetKind::Egress, false)?;
         Ok((sb::EgressStartResponse { egress }, fds))
     }
@@ -167,6 +170,7 @@ impl rpc::Switchboard for Handle {
         keys.dedup();
         let in_labels = merge_fixed(&self.in_labels, &req.in_labels, "In")?;
         let out_labels = merge_fixed(&self.out_labels, &req.out_labels, "Out")?;
+        self.quota.pace().await;
         let counted = self.quota.target()?;
         let (peer, theirs, ticket) = self.registration_channel()?;
         // The labels fixed on this handle are the resolver's scope: it only ever

@@ -43,6 +43,7 @@ use tokio_util::sync::CancellationToken;
 use directory::Directory;
 use handle::Handle;
 use labels::FixedLabels;
+pub use quota::Rate;
 use quota::{Quota, Ticket, UidQuotas};
 pub use rights::Rights;
 
@@ -82,6 +83,12 @@ pub struct Config {
     /// in flight; handles and registrations may use the rest of `RLIMIT_NOFILE`. At
     /// most a quarter of the limit is reserved.
     pub reserve_descriptors: usize,
+    /// How fast one uid (or one embedder-made endpoint, or one pod) may make new
+    /// handles and registrations through Constrain, ServerStart, EgressStart and
+    /// ResolverStart. Past it those calls wait (each keeps its place among the calls
+    /// in flight), so one owner's churn of short-lived handles cannot fill the
+    /// switchboard's time. `None`: unbounded.
+    pub new_handles: Option<Rate>,
 }
 
 impl Default for Config {
@@ -96,6 +103,10 @@ impl Default for Config {
             max_targets_per_endpoint: 256,
             max_calls_per_uid: 1_024,
             reserve_descriptors: 256,
+            new_handles: Some(Rate {
+                per_second: 1_024.0,
+                burst: 4_096,
+            }),
         }
     }
 }
@@ -312,6 +323,11 @@ impl Switchboard {
                      one may (--max-targets-per-endpoint)"
                 ),
             )),
+            self.shared
+                .config
+                .new_handles
+                .and_then(quota::Pace::new)
+                .map(Arc::new),
         )
     }
 
@@ -439,6 +455,7 @@ impl Switchboard {
                     shared.config.max_handles_per_uid,
                     shared.config.max_calls_per_uid,
                     shared.config.max_targets_per_uid,
+                    shared.config.new_handles,
                     &shared.budget,
                 );
                 let ticket = quota.acquire()?;

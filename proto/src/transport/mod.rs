@@ -16,11 +16,12 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use nix::sys::socket;
-use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
+use tokio::io::{Interest, Ready};
 
 /// A connected SOCK_SEQPACKET Unix socket registered with the tokio reactor.
 #[derive(Debug)]
@@ -28,6 +29,9 @@ pub struct Channel {
     fd: AsyncFd<OwnedFd>,
     /// The second datagram of a two-datagram `recvmmsg`, returned by the next `recv`.
     spare: Mutex<Option<Box<Received>>>,
+    /// [`Channel::hung_up`] cleared the readable readiness while datagrams may still
+    /// be queued: [`Channel::recv`] tries the socket before waiting, until it is empty.
+    look_first: AtomicBool,
 }
 
 impl Channel {
@@ -44,6 +48,7 @@ impl Channel {
             // Readable only: see `Channel::send_inner` for how writing waits.
             fd: sys::register(fd, Interest::READABLE)?,
             spare: Mutex::new(None),
+            look_first: AtomicBool::new(false),
         })
     }
 
@@ -148,6 +153,20 @@ impl Channel {
         if let Some(spare) = self.spare.lock().unwrap().take() {
             return *spare;
         }
+        if self.look_first.load(Ordering::Acquire) {
+            match sys::recv_now(self.fd.get_ref().as_raw_fd()) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.look_first.store(false, Ordering::Release);
+                }
+                Err(e) => return Err(e.into()),
+                Ok((first, second)) => {
+                    if let Some(second) = second {
+                        *self.spare.lock().unwrap() = Some(Box::new(second));
+                    }
+                    return first;
+                }
+            }
+        }
         loop {
             let mut guard = self.fd.readable().await?;
             match sys::recv_now(self.fd.get_ref().as_raw_fd()) {
@@ -163,6 +182,25 @@ impl Channel {
                     return first;
                 }
             }
+        }
+    }
+
+    /// Resolves once the other end has hung up, whatever is still queued: for a task
+    /// that holds off reading (its calls in flight are full) and must still notice a
+    /// caller that has gone. No system call: it waits for the reactor's hang-up
+    /// event. Meanwhile arriving datagrams clear the readable readiness, and the next
+    /// [`Channel::recv`] looks at the socket before it waits.
+    pub async fn hung_up(&self) {
+        loop {
+            let Ok(mut guard) = self.fd.ready(Interest::READABLE).await else {
+                return;
+            };
+            // Closed readiness is never cleared, so once seen it stays.
+            if guard.ready().is_read_closed() {
+                return;
+            }
+            self.look_first.store(true, Ordering::Release);
+            guard.clear_ready_matching(Ready::READABLE);
         }
     }
 
