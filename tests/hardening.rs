@@ -277,6 +277,19 @@ fn rss_kib(pid: u32) -> usize {
 
 /// A daemon started as `uid` (when we are root; else as ourselves) with `extra`
 /// flags, on a socket anyone may connect to.
+/// A bystander's handle with a server registered at `app=web` that takes and drops
+/// every connection, and the daemon's descriptor baseline after that.
+async fn serving_bystander(daemon: &Daemon) -> (Switchboard, usize) {
+    let bystander = daemon.connect().await;
+    let mut server = bystander
+        .server_start(&labels(&[("app", "web")]))
+        .await
+        .unwrap();
+    tokio::spawn(async move { while server.accept().await.is_some() {} });
+    let baseline = daemon.baseline(&bystander).await;
+    (bystander, baseline)
+}
+
 fn daemon_as(uid: Option<u32>, extra: &[&str]) -> Daemon {
     use std::os::unix::fs::PermissionsExt;
     raise_nofile_limit();
@@ -356,13 +369,7 @@ async fn exhausting_descriptors_hurts_only_the_attacker() {
             "1",
         ],
     );
-    let bystander = daemon.connect().await;
-    let mut server = bystander
-        .server_start(&labels(&[("app", "web")]))
-        .await
-        .unwrap();
-    tokio::spawn(async move { while server.accept().await.is_some() {} });
-    let baseline = daemon.baseline(&bystander).await;
+    let (bystander, baseline) = serving_bystander(&daemon).await;
 
     let this = std::env::current_exe().unwrap();
     let (_program, mut attack) = match is_root() {
@@ -548,14 +555,8 @@ async fn one_uids_churn_is_paced_and_another_uid_is_not() {
             "4",
         ],
     );
-    let bystander = daemon.connect().await;
     // One new registration of the bystander's uid.
-    let mut server = bystander
-        .server_start(&labels(&[("app", "web")]))
-        .await
-        .unwrap();
-    tokio::spawn(async move { while server.accept().await.is_some() {} });
-    let baseline = daemon.baseline(&bystander).await;
+    let (bystander, baseline) = serving_bystander(&daemon).await;
     let channels_before = channels(daemon.pid());
     let rss_before = rss_kib(daemon.pid());
 
