@@ -7,6 +7,7 @@
 //! * [`frame`]: the frame codec both peers share (calls, replies, reply → result).
 //! * [`inherited`]: the handle a parent passed down in `FLOWER_SWITCHBOARD_FD`.
 //! * [`fds`]: the `Fd { slot }` convention tying message fields to descriptors.
+//! * [`hash`]: the hasher for maps keyed by numbers we choose.
 //! * [`client`]: the async client library applications and the tools use.
 //! * [`blocking`]: a runtime-free client for one call at a time, with the lowest
 //!   connect latency.
@@ -20,6 +21,7 @@ pub mod blocking;
 pub mod client;
 pub mod fds;
 pub mod frame;
+pub mod hash;
 pub mod inherited;
 pub mod rpc;
 pub mod status;

@@ -28,7 +28,6 @@
 //! inside a well-formed call (bad message, descriptor mismatch, unknown method) get an
 //! error reply and the channel keeps working.
 
-use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -39,6 +38,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::fds::{FdFields, Fds, OutFds};
+use crate::hash::NumMap;
 use crate::frame::{self, Kind};
 use crate::transport::{Channel, MAX_DATAGRAM, Received, RecvError};
 use crate::{Code, Reply, Status};
@@ -279,26 +279,9 @@ impl Drop for ReplyTx {
     }
 }
 
-/// Call ids are ours (sequential), so a hash that only spreads them is enough; a
-/// peer that sends replies with made-up ids only misses.
-#[derive(Default, Clone, Copy)]
-struct IdHasher(u64);
-
-impl std::hash::Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        }
-    }
-    fn write_u64(&mut self, id: u64) {
-        self.0 = id.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
-}
-
-type Pending = HashMap<u64, ReplyTx, std::hash::BuildHasherDefault<IdHasher>>;
+/// Call ids are ours (sequential): a peer that sends replies with made-up ids only
+/// misses.
+type Pending = NumMap<u64, ReplyTx>;
 
 /// A channel's one-way states, `closed` and `draining`, with one waiter list for
 /// both. Cheaper than `CancellationToken`s (no separately allocated tree nodes), and

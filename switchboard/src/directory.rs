@@ -39,11 +39,14 @@
 
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeSet, HashMap};
-use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use flower_proto::Labels;
+// Target ids and group slots are ours; pair and projection keys are keyed SipHash
+// values already; projections are a few per group.
+use flower_proto::hash::NumMap;
 use roaring::RoaringBitmap;
 
 pub type TargetId = u64;
@@ -75,38 +78,6 @@ type KeySet = Arc<[String]>;
 type Projection = Box<[u16]>;
 /// Where a group lives in [`Directory::groups`]; reused once the group is gone.
 type Slot = u32;
-
-/// A map keyed by numbers nobody outside chooses: target ids and group slots (ours,
-/// sequential), keyed SipHash values of pairs and projections (already spread, and
-/// secret), projections (at most a few per group). One multiply spreads them; SipHash
-/// again would cost a connect about 1k instructions across the lookup's probes.
-type NumMap<K, V> = HashMap<K, V, BuildHasherDefault<Spread>>;
-
-#[derive(Default, Clone, Copy)]
-struct Spread(u64);
-
-impl Hasher for Spread {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.write_u64(u64::from(*b));
-        }
-    }
-    fn write_u16(&mut self, n: u16) {
-        self.write_u64(u64::from(n));
-    }
-    fn write_u32(&mut self, n: u32) {
-        self.write_u64(u64::from(n));
-    }
-    fn write_usize(&mut self, n: usize) {
-        self.write_u64(n as u64);
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
-}
 
 #[derive(Debug)]
 struct Group {
