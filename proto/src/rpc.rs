@@ -38,8 +38,8 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::fds::{FdFields, Fds, OutFds};
-use crate::hash::NumMap;
 use crate::frame::{self, Kind};
+use crate::hash::NumMap;
 use crate::transport::{Channel, MAX_DATAGRAM, Received, RecvError};
 use crate::{Code, Reply, Status};
 
@@ -1014,11 +1014,9 @@ async fn serve_call(
         Ok(p) => p.forget(),
         Err(_) => {
             waited = true;
-            tokio::select! {
-                p = shared.calls.acquire() => p.expect("semaphore never closed").forget(),
-                () = shared.states.closed_or_draining() => return false,
-                () = parent.cancelled() => return false,
-                () = shared.channel.hung_up() => return hung_up(),
+            match wait_for_place(shared, parent, shared.calls.acquire()).await {
+                Ok(p) => p.expect("semaphore never closed").forget(),
+                Err(stop) => return stop,
             }
         }
     }
@@ -1029,19 +1027,11 @@ async fn serve_call(
             Ok(p) => Some(p),
             Err(_) => {
                 waited = true;
-                tokio::select! {
-                    p = group.clone().acquire_owned() => Some(p.expect("semaphore never closed")),
-                    () = shared.states.closed_or_draining() => {
+                match wait_for_place(shared, parent, group.clone().acquire_owned()).await {
+                    Ok(p) => Some(p.expect("semaphore never closed")),
+                    Err(stop) => {
                         shared.calls.add_permits(1);
-                        return false;
-                    }
-                    () = parent.cancelled() => {
-                        shared.calls.add_permits(1);
-                        return false;
-                    }
-                    () = shared.channel.hung_up() => {
-                        shared.calls.add_permits(1);
-                        return hung_up();
+                        return stop;
                     }
                 }
             }
@@ -1095,6 +1085,22 @@ async fn serve_call(
         }
     }
     true
+}
+
+/// Waits for a place among the calls in flight (`acquire`) while watching for the
+/// channel closing or draining, the reader being told to stop, and the caller
+/// hanging up; `Err` holds what [`serve_call`] then returns.
+async fn wait_for_place<T>(
+    shared: &Shared,
+    parent: &CancellationToken,
+    acquire: impl Future<Output = T>,
+) -> Result<T, bool> {
+    tokio::select! {
+        p = acquire => Ok(p),
+        () = shared.states.closed_or_draining() => Err(false),
+        () = parent.cancelled() => Err(false),
+        () = shared.channel.hung_up() => Err(hung_up()),
+    }
 }
 
 /// What [`serve_call`] returns for a caller that hung up with calls still queued.
