@@ -153,30 +153,31 @@ impl Channel {
         if let Some(spare) = self.spare.lock().unwrap().take() {
             return *spare;
         }
-        if self.look_first.load(Ordering::Acquire) {
-            match sys::recv_now(self.fd.get_ref().as_raw_fd()) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.look_first.store(false, Ordering::Release);
-                }
-                Err(e) => return Err(e.into()),
-                Ok((first, second)) => {
-                    if let Some(second) = second {
-                        *self.spare.lock().unwrap() = Some(Box::new(second));
-                    }
-                    return first;
-                }
-            }
-        }
+        // After `hung_up` cleared the readiness the socket is tried once before waiting.
+        let mut look = self.look_first.load(Ordering::Acquire);
         loop {
-            let mut guard = self.fd.readable().await?;
+            let mut guard = match look {
+                true => None,
+                false => Some(self.fd.readable().await?),
+            };
             match sys::recv_now(self.fd.get_ref().as_raw_fd()) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => guard.clear_ready(),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => match &mut guard {
+                    Some(guard) => guard.clear_ready(),
+                    None => {
+                        look = false;
+                        self.look_first.store(false, Ordering::Release);
+                    }
+                },
                 Err(e) => return Err(e.into()),
                 Ok((first, second)) => {
                     match second {
                         // Emptied: safe to clear, as readiness that arrived after the
                         // wait began has a newer tick and is not cleared.
-                        None => guard.clear_ready(),
+                        None => {
+                            if let Some(guard) = &mut guard {
+                                guard.clear_ready();
+                            }
+                        }
                         Some(second) => *self.spare.lock().unwrap() = Some(Box::new(second)),
                     }
                     return first;
