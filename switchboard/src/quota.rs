@@ -242,12 +242,12 @@ impl UidQuotas {
         let pace = rate.and_then(|rate| {
             let mut paces = self.paces.lock().unwrap();
             paces.retain(|_, p| Arc::strong_count(p) > 1 || !p.is_rested());
-            Some(
-                paces
-                    .entry(uid)
-                    .or_insert(Arc::new(Pace::new(rate)?))
-                    .clone(),
-            )
+            match paces.entry(uid) {
+                std::collections::hash_map::Entry::Occupied(kept) => Some(kept.get().clone()),
+                std::collections::hash_map::Entry::Vacant(new) => {
+                    Some(new.insert(Arc::new(Pace::new(rate)?)).clone())
+                }
+            }
         });
         let quota = Quota::owner(
             limit,
